@@ -1,0 +1,418 @@
+//! Credentials: password hashing, agent tokens, HS256 JWTs, and `Authorization` parsing.
+//!
+//! Nothing here touches the database; `http` and `ws` combine these checks with store
+//! lookups (a JWT is only half of the answer: the user must still exist with that role).
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub const ISSUER: &str = "echocenter";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Role {
+    Admin,
+    Member,
+    Agent,
+    Butler,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "ADMIN",
+            Role::Member => "MEMBER",
+            Role::Agent => "AGENT",
+            Role::Butler => "BUTLER",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "ADMIN" => Some(Role::Admin),
+            "MEMBER" => Some(Role::Member),
+            "AGENT" => Some(Role::Agent),
+            "BUTLER" => Some(Role::Butler),
+            _ => None,
+        }
+    }
+
+    /// Humans log in with a password; machines hold an API token.
+    pub fn is_human(self) -> bool {
+        matches!(self, Role::Admin | Role::Member)
+    }
+
+    pub fn actor_type(self) -> &'static str {
+        if self.is_human() {
+            "HUMAN"
+        } else {
+            "SYSTEM"
+        }
+    }
+}
+
+/// 1–64 characters from `A–Z a–z 0–9 - _ .`.
+pub fn valid_username(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A caller-supplied token: 16–256 characters that need no escaping in a URL or header.
+pub fn valid_supplied_token(token: &str) -> bool {
+    (16..=256).contains(&token.len())
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-'))
+}
+
+/// `ec_` + 64 hex characters from 32 random bytes.
+pub fn generate_token() -> String {
+    format!("ec_{}", hex::encode(random_bytes::<32>()))
+}
+
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    // The OS random source failing means the machine cannot produce secrets at all.
+    getrandom::fill(&mut buf).expect("operating system random source unavailable");
+    buf
+}
+
+/// The lookup key stored for a token: lower-case hex SHA-256.
+pub fn token_sha256(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// `first4...last4`, or `configured` for tokens of 8 characters or fewer.
+pub fn token_hint(token: &str) -> String {
+    if token.len() <= 8 {
+        "configured".to_string()
+    } else {
+        format!("{}...{}", &token[..4], &token[token.len() - 4..])
+    }
+}
+
+pub fn hash_password(password: &str) -> String {
+    // 16 random bytes always encode to a valid salt.
+    let salt = SaltString::encode_b64(&random_bytes::<16>()).expect("16-byte salt is valid");
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        // Only fails for out-of-range parameters, and the defaults are in range.
+        .expect("argon2 default parameters are valid")
+        .to_string()
+}
+
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    match PasswordHash::new(hash) {
+        Ok(parsed) => Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Burns the same time as a real verification so a login for an unknown user cannot be told
+/// apart from a wrong password by timing.
+pub fn verify_password_dummy(password: &str) {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let hash = DUMMY.get_or_init(|| hash_password("echocenter-dummy-password"));
+    let _ = verify_password(password, hash);
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    pub user_id: i64,
+    pub role: String,
+    pub exp: i64,
+    pub iat: i64,
+    pub iss: String,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum JwtError {
+    Malformed,
+    Algorithm,
+    Signature,
+    Expired,
+    Issuer,
+}
+
+pub struct JwtKeys {
+    secret: Vec<u8>,
+    ttl_secs: i64,
+}
+
+impl JwtKeys {
+    pub fn new(secret: Vec<u8>, ttl: std::time::Duration) -> JwtKeys {
+        JwtKeys {
+            secret,
+            ttl_secs: ttl.as_secs() as i64,
+        }
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        // HMAC accepts keys of any length.
+        Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length")
+    }
+
+    pub fn issue(&self, user_id: i64, role: Role, now_secs: i64) -> String {
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+        let claims = Claims {
+            user_id,
+            role: role.as_str().to_string(),
+            iat: now_secs,
+            exp: now_secs + self.ttl_secs,
+            iss: ISSUER.to_string(),
+        };
+        let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("claims serialize"));
+        let signing_input = format!("{header}.{body}");
+        let mut mac = self.mac();
+        mac.update(signing_input.as_bytes());
+        let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        format!("{signing_input}.{sig}")
+    }
+
+    /// Verifies signature (constant time), algorithm (HS256 only), expiry and issuer.
+    pub fn verify(&self, token: &str, now_secs: i64) -> Result<Claims, JwtError> {
+        let mut parts = token.split('.');
+        let (Some(h), Some(b), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(JwtError::Malformed);
+        };
+        #[derive(Deserialize)]
+        struct Header {
+            alg: String,
+        }
+        let header: Header = URL_SAFE_NO_PAD
+            .decode(h)
+            .ok()
+            .and_then(|raw| serde_json::from_slice(&raw).ok())
+            .ok_or(JwtError::Malformed)?;
+        if header.alg != "HS256" {
+            return Err(JwtError::Algorithm);
+        }
+        let sig = URL_SAFE_NO_PAD.decode(s).map_err(|_| JwtError::Malformed)?;
+        let mut mac = self.mac();
+        mac.update(h.as_bytes());
+        mac.update(b".");
+        mac.update(b.as_bytes());
+        mac.verify_slice(&sig).map_err(|_| JwtError::Signature)?;
+        let claims: Claims = URL_SAFE_NO_PAD
+            .decode(b)
+            .ok()
+            .and_then(|raw| serde_json::from_slice(&raw).ok())
+            .ok_or(JwtError::Malformed)?;
+        if claims.exp <= now_secs {
+            return Err(JwtError::Expired);
+        }
+        if claims.iss != ISSUER {
+            return Err(JwtError::Issuer);
+        }
+        Ok(claims)
+    }
+}
+
+/// A token is a JWT when it has the three dot-separated parts; agent tokens never contain
+/// two dots followed by base64 (generated ones have none), and supplied ones that look like a
+/// JWT but fail verification are then tried as agent tokens too.
+pub fn looks_like_jwt(token: &str) -> bool {
+    token.split('.').count() == 3 && token.starts_with("eyJ")
+}
+
+/// Why a presented credential was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// Not a valid JWT of a live human, nor the token of a live machine.
+    Invalid,
+    /// The database could not be asked.
+    Unavailable,
+}
+
+/// Resolves a JWT or an agent token to the live user behind it. The role always comes from
+/// the database, never from the JWT's claim.
+pub fn authenticate(
+    store: &crate::store::Store,
+    keys: &JwtKeys,
+    token: &str,
+) -> Result<crate::hub::Principal, AuthFailure> {
+    if looks_like_jwt(token) {
+        if let Ok(claims) = keys.verify(token, crate::clock::now_secs()) {
+            let user = store
+                .user_by_id(claims.user_id)
+                .map_err(|_| AuthFailure::Unavailable)?;
+            return match user {
+                Some(u) if !u.deleted && u.role.is_human() => Ok(crate::hub::Principal {
+                    id: u.id,
+                    username: u.username,
+                    role: u.role,
+                    token_hash: None,
+                }),
+                _ => Err(AuthFailure::Invalid),
+            };
+        }
+    }
+    let hash = token_sha256(token);
+    match store
+        .machine_by_token_hash(&hash)
+        .map_err(|_| AuthFailure::Unavailable)?
+    {
+        Some(u) => Ok(crate::hub::Principal {
+            id: u.id,
+            username: u.username,
+            role: u.role,
+            token_hash: Some(hash),
+        }),
+        None => Err(AuthFailure::Invalid),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum BearerError {
+    Missing,
+    Malformed,
+}
+
+/// `Authorization: Bearer <token>`: scheme case-insensitive, exactly one space, one token.
+pub fn parse_bearer(header: Option<&str>) -> Result<&str, BearerError> {
+    let value = header.ok_or(BearerError::Missing)?;
+    let mut parts = value.split(' ');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(scheme), Some(token), None)
+            if scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() =>
+        {
+            Ok(token)
+        }
+        _ => Err(BearerError::Malformed),
+    }
+}
+
+/// Failed logins per client address: after `MAX_FAILURES` within `WINDOW`, every attempt
+/// from that address is refused until the oldest failure leaves the window.
+#[derive(Default)]
+pub struct LoginLimiter {
+    failures: std::sync::Mutex<
+        std::collections::HashMap<std::net::IpAddr, std::collections::VecDeque<std::time::Instant>>,
+    >,
+}
+
+impl LoginLimiter {
+    pub const MAX_FAILURES: usize = 10;
+    pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+
+    /// `Some(seconds to wait)` when the address is locked out.
+    pub fn retry_after(&self, ip: std::net::IpAddr) -> Option<u64> {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let list = map.get_mut(&ip)?;
+        while list.front().is_some_and(|t| t.elapsed() >= Self::WINDOW) {
+            list.pop_front();
+        }
+        if list.is_empty() {
+            map.remove(&ip);
+            return None;
+        }
+        if list.len() < Self::MAX_FAILURES {
+            return None;
+        }
+        let oldest = *list.front()?;
+        Some(
+            (Self::WINDOW.saturating_sub(oldest.elapsed()))
+                .as_secs()
+                .max(1),
+        )
+    }
+
+    pub fn record_failure(&self, ip: std::net::IpAddr) {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        // Bound memory under a spray of addresses: forget everyone rather than grow forever.
+        if map.len() > 100_000 {
+            map.clear();
+        }
+        let list = map.entry(ip).or_default();
+        list.push_back(std::time::Instant::now());
+        while list.len() > Self::MAX_FAILURES {
+            list.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn keys() -> JwtKeys {
+        JwtKeys::new(vec![7u8; 32], Duration::from_secs(3600))
+    }
+
+    #[test]
+    fn jwt_round_trip_and_rejections() {
+        let k = keys();
+        let t = k.issue(42, Role::Admin, 1_000);
+        let c = k.verify(&t, 1_001).unwrap();
+        assert_eq!(
+            (c.user_id, c.role.as_str(), c.iss.as_str()),
+            (42, "ADMIN", "echocenter")
+        );
+        assert_eq!(k.verify(&t, 1_000 + 3600), Err(JwtError::Expired));
+        let other = JwtKeys::new(vec![8u8; 32], Duration::from_secs(3600));
+        assert_eq!(other.verify(&t, 1_001), Err(JwtError::Signature));
+        let mut parts: Vec<&str> = t.split('.').collect();
+        let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        parts[0] = &none_header;
+        assert_eq!(k.verify(&parts.join("."), 1_001), Err(JwtError::Algorithm));
+        assert_eq!(k.verify("abc", 1_001), Err(JwtError::Malformed));
+    }
+
+    #[test]
+    fn hints_and_token_shapes() {
+        assert_eq!(token_hint("mock-observer-token"), "mock...oken");
+        assert_eq!(token_hint("abcdefgh"), "configured");
+        assert_eq!(token_hint("abcdefghi"), "abcd...fghi");
+        let t = generate_token();
+        assert!(t.starts_with("ec_") && t.len() == 67);
+        assert!(valid_supplied_token("mock-observer-token"));
+        assert!(!valid_supplied_token("short"));
+        assert!(!valid_supplied_token("has space in it ......"));
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        assert_eq!(parse_bearer(Some("Bearer abc")), Ok("abc"));
+        assert_eq!(parse_bearer(Some("bearer abc")), Ok("abc"));
+        assert_eq!(parse_bearer(None), Err(BearerError::Missing));
+        assert_eq!(parse_bearer(Some("Bearer")), Err(BearerError::Malformed));
+        assert_eq!(parse_bearer(Some("Basic abc")), Err(BearerError::Malformed));
+        assert_eq!(
+            parse_bearer(Some("Bearer a b")),
+            Err(BearerError::Malformed)
+        );
+        assert_eq!(
+            parse_bearer(Some("Bearer  abc")),
+            Err(BearerError::Malformed)
+        );
+    }
+
+    #[test]
+    fn passwords_verify() {
+        let h = hash_password("s3cret");
+        assert!(verify_password("s3cret", &h));
+        assert!(!verify_password("wrong", &h));
+        assert!(!verify_password("s3cret", "not-a-hash"));
+    }
+
+    #[test]
+    fn usernames() {
+        assert!(valid_username("Storage-Custodian"));
+        assert!(valid_username("a.b_c"));
+        assert!(!valid_username(""));
+        assert!(!valid_username("white space"));
+        assert!(!valid_username(&"x".repeat(65)));
+    }
+}

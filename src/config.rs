@@ -1,0 +1,459 @@
+//! Configuration: command-line flags, then `ECHOCENTER_*` variables, then the upstream names.
+//!
+//! Only the value that wins is parsed, and a bad one is an error naming its source: an
+//! operator who typed `ECHOCENTER_JWT_TTL=1d` learns it at start-up, not from a silent default.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Environment {
+    Development,
+    Production,
+}
+
+/// How hard SQLite syncs a commit. `Full` survives power loss; `Normal` (WAL) survives a
+/// process crash (`kill -9`) but may lose the last commits on power loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sync {
+    Full,
+    Normal,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub addr: String,
+    pub db: PathBuf,
+    pub env: Environment,
+    pub jwt_secret: Option<Vec<u8>>,
+    pub jwt_ttl: Duration,
+    pub admin_user: Option<String>,
+    pub admin_password: Option<String>,
+    pub max_message_bytes: usize,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub allowed_origins: Vec<String>,
+    pub max_frames_per_second: u32,
+    pub metrics_token: Option<String>,
+    pub log: crate::logging::Level,
+    pub sync: Sync,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The flag or variable that held the bad value, e.g. `--jwt-ttl` or `ECHOCENTER_JWT_TTL`.
+    pub source: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid {}: {}", self.source, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where a raw value came from; kept so errors can name it.
+struct Raw {
+    source: String,
+    value: String,
+}
+
+/// Reads flags from `args` (consuming them) and variables through `env`.
+pub struct Loader<'a> {
+    args: &'a mut pico_args::Arguments,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl<'a> Loader<'a> {
+    pub fn new(
+        args: &'a mut pico_args::Arguments,
+        env: &'a dyn Fn(&str) -> Option<String>,
+    ) -> Self {
+        Loader { args, env }
+    }
+
+    /// The winning raw value for one setting: flag, then each variable name in order.
+    fn pick(&mut self, flag: &'static str, vars: &[&str]) -> Result<Option<Raw>, ConfigError> {
+        let from_flag: Option<String> =
+            self.args
+                .opt_value_from_str(flag)
+                .map_err(|e| ConfigError {
+                    source: flag.to_string(),
+                    message: e.to_string(),
+                })?;
+        if let Some(value) = from_flag {
+            return Ok(Some(Raw {
+                source: flag.to_string(),
+                value,
+            }));
+        }
+        for var in vars {
+            // Upstream semantics: an empty variable counts as unset.
+            if let Some(value) = (self.env)(var).filter(|v| !v.is_empty()) {
+                return Ok(Some(Raw {
+                    source: (*var).to_string(),
+                    value,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn load(mut self) -> Result<Config, ConfigError> {
+        let addr = match self.pick("--addr", &["ECHOCENTER_ADDR"])? {
+            Some(raw) => validate_addr(raw)?,
+            None => self.upstream_addr()?,
+        };
+        let db = self
+            .pick("--db", &["ECHOCENTER_DB", "DB_PATH"])?
+            .map(|r| PathBuf::from(r.value))
+            .unwrap_or_else(|| PathBuf::from("./echocenter.db"));
+        let env = match self.pick("--env", &["ECHOCENTER_ENV"])? {
+            Some(raw) => parse_env_strict(&raw)?,
+            None => match (self.env)("APP_ENV") {
+                // Upstream: anything but production/prod means development.
+                Some(v) if is_production(&v) => Environment::Production,
+                _ => Environment::Development,
+            },
+        };
+        let jwt_secret =
+            match self.pick("--jwt-secret", &["ECHOCENTER_JWT_SECRET", "JWT_SECRET"])? {
+                Some(raw) if raw.value.len() < 32 => {
+                    return Err(ConfigError {
+                        source: raw.source,
+                        message: format!("must be at least 32 bytes, got {}", raw.value.len()),
+                    })
+                }
+                Some(raw) => Some(raw.value.into_bytes()),
+                None => None,
+            };
+        let jwt_ttl =
+            match self.pick("--jwt-ttl", &["ECHOCENTER_JWT_TTL", "JWT_TOKEN_EXPIRATION"])? {
+                Some(raw) => match parse_duration(&raw.value) {
+                    Some(d) if d >= Duration::from_secs(1) => d,
+                    _ => {
+                        return Err(bad(
+                            raw,
+                            "expected a duration of at least 1s such as 90s, 24h or 1h30m",
+                        ))
+                    }
+                },
+                None => Duration::from_secs(24 * 3600),
+            };
+        let admin_user = match self.pick(
+            "--admin-user",
+            &["ECHOCENTER_ADMIN_USER", "INITIAL_ADMIN_USER"],
+        )? {
+            Some(raw) if !crate::auth::valid_username(&raw.value) => {
+                return Err(bad(raw, "1-64 characters from A-Z a-z 0-9 - _ ."))
+            }
+            other => other.map(|r| r.value),
+        };
+        let admin_password = self
+            .pick(
+                "--admin-password",
+                &["ECHOCENTER_ADMIN_PASSWORD", "INITIAL_ADMIN_PASS"],
+            )?
+            .map(|r| r.value);
+        let max_message_bytes = self.number(
+            "--max-message-bytes",
+            "ECHOCENTER_MAX_MESSAGE_BYTES",
+            65_536,
+            128,
+            16 << 20,
+        )?;
+        let max_connections = self.number(
+            "--max-connections",
+            "ECHOCENTER_MAX_CONNECTIONS",
+            10_000,
+            1,
+            1_000_000,
+        )?;
+        let max_connections_per_ip = self.number(
+            "--max-connections-per-ip",
+            "ECHOCENTER_MAX_CONNECTIONS_PER_IP",
+            max_connections,
+            1,
+            1_000_000,
+        )?;
+        let allowed_origins = self
+            .pick("--allowed-origins", &["ECHOCENTER_ALLOWED_ORIGINS"])?
+            .map(|r| parse_origins(&r))
+            .transpose()?
+            .unwrap_or_default();
+        let max_frames_per_second = self.number(
+            "--max-frames-per-second",
+            "ECHOCENTER_MAX_FRAMES_PER_SECOND",
+            1000,
+            1,
+            1_000_000,
+        )? as u32;
+        let metrics_token = self
+            .pick("--metrics-token", &["ECHOCENTER_METRICS_TOKEN"])?
+            .map(|r| r.value);
+        let log = match self.pick("--log", &["ECHOCENTER_LOG"])? {
+            Some(raw) => crate::logging::Level::parse(&raw.value)
+                .ok_or_else(|| bad(raw, "expected error, warn, info or debug"))?,
+            None => crate::logging::Level::Info,
+        };
+        let sync = match self.pick("--sync", &["ECHOCENTER_SYNC"])? {
+            Some(raw) => match raw.value.to_ascii_lowercase().as_str() {
+                "full" => Sync::Full,
+                "normal" => Sync::Normal,
+                _ => return Err(bad(raw, "expected full or normal")),
+            },
+            None => Sync::Full,
+        };
+        Ok(Config {
+            addr,
+            db,
+            env,
+            jwt_secret,
+            jwt_ttl,
+            admin_user,
+            admin_password,
+            max_message_bytes,
+            max_connections,
+            max_connections_per_ip,
+            allowed_origins,
+            max_frames_per_second,
+            metrics_token,
+            log,
+            sync,
+        })
+    }
+
+    fn upstream_addr(&mut self) -> Result<String, ConfigError> {
+        let host = (self.env)("SERVER_HOST").filter(|v| !v.is_empty());
+        let port = (self.env)("SERVER_PORT").filter(|v| !v.is_empty());
+        if let Some(p) = &port {
+            if p.parse::<u16>().is_err() {
+                return Err(ConfigError {
+                    source: "SERVER_PORT".into(),
+                    message: format!("expected a port number, got {p:?}"),
+                });
+            }
+        }
+        let host = host.unwrap_or_else(|| "0.0.0.0".into());
+        let port = port.unwrap_or_else(|| "8080".into());
+        let joined = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        validate_addr(Raw {
+            source: "SERVER_HOST".into(),
+            value: joined,
+        })
+    }
+
+    fn number(
+        &mut self,
+        flag: &'static str,
+        var: &str,
+        default: usize,
+        min: usize,
+        max: usize,
+    ) -> Result<usize, ConfigError> {
+        match self.pick(flag, &[var])? {
+            Some(raw) => match raw.value.trim().parse::<usize>() {
+                Ok(n) if (min..=max).contains(&n) => Ok(n),
+                _ => Err(bad(
+                    raw,
+                    &format!("expected a whole number from {min} to {max}"),
+                )),
+            },
+            None => Ok(default),
+        }
+    }
+}
+
+fn bad(raw: Raw, expected: &str) -> ConfigError {
+    ConfigError {
+        source: raw.source,
+        message: format!("{expected}, got {:?}", raw.value),
+    }
+}
+
+fn validate_addr(raw: Raw) -> Result<String, ConfigError> {
+    use std::net::ToSocketAddrs;
+    let resolves = raw
+        .value
+        .to_socket_addrs()
+        .map(|mut it| it.next().is_some())
+        .unwrap_or(false);
+    if resolves {
+        Ok(raw.value)
+    } else {
+        Err(bad(raw, "expected host:port such as 0.0.0.0:8080"))
+    }
+}
+
+fn is_production(v: &str) -> bool {
+    matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "production" | "prod"
+    )
+}
+
+fn parse_env_strict(raw: &Raw) -> Result<Environment, ConfigError> {
+    match raw.value.trim().to_ascii_lowercase().as_str() {
+        "production" | "prod" => Ok(Environment::Production),
+        "development" | "dev" => Ok(Environment::Development),
+        _ => Err(ConfigError {
+            source: raw.source.clone(),
+            message: format!("expected development or production, got {:?}", raw.value),
+        }),
+    }
+}
+
+fn parse_origins(raw: &Raw) -> Result<Vec<String>, ConfigError> {
+    let mut out = Vec::new();
+    for part in raw
+        .value
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        let ok =
+            (part.starts_with("http://") || part.starts_with("https://")) && !part.ends_with('/');
+        if !ok {
+            return Err(ConfigError {
+                source: raw.source.clone(),
+                message: format!(
+                    "expected exact origins like https://ops.example.com, got {part:?}"
+                ),
+            });
+        }
+        out.push(part.to_string());
+    }
+    Ok(out)
+}
+
+/// Go-style durations: a sequence of decimal numbers with units ns, us, µs, ms, s, m, h.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut rest = s;
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if num_len == 0 {
+            return None;
+        }
+        let number: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += number * scale;
+    }
+    if !total.is_finite() || total > 1e12 {
+        return None;
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(flags: &[&str], vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut args = pico_args::Arguments::from_vec(flags.iter().map(Into::into).collect());
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let env = move |k: &str| map.get(k).cloned();
+        Loader::new(&mut args, &env).load()
+    }
+
+    #[test]
+    fn defaults_serve_without_configuration() {
+        let c = load(&[], &[]).unwrap();
+        assert_eq!(c.addr, "0.0.0.0:8080");
+        assert_eq!(c.db, PathBuf::from("./echocenter.db"));
+        assert_eq!(c.env, Environment::Development);
+        assert_eq!(c.jwt_ttl, Duration::from_secs(86_400));
+        assert_eq!(c.max_message_bytes, 65_536);
+        assert_eq!(c.max_connections, 10_000);
+    }
+
+    #[test]
+    fn flags_beat_our_variables_which_beat_upstream_names() {
+        let vars = [
+            ("ECHOCENTER_DB", "/a.db"),
+            ("DB_PATH", "/b.db"),
+            ("APP_ENV", "prod"),
+        ];
+        assert_eq!(
+            load(&["--db", "/c.db"], &vars).unwrap().db,
+            PathBuf::from("/c.db")
+        );
+        assert_eq!(load(&[], &vars).unwrap().db, PathBuf::from("/a.db"));
+        assert_eq!(load(&[], &vars[1..]).unwrap().db, PathBuf::from("/b.db"));
+        assert_eq!(load(&[], &vars).unwrap().env, Environment::Production);
+        assert_eq!(
+            load(&[], &[("APP_ENV", "staging")]).unwrap().env,
+            Environment::Development
+        );
+        let c = load(
+            &[],
+            &[("SERVER_HOST", "127.0.0.1"), ("SERVER_PORT", "9090")],
+        )
+        .unwrap();
+        assert_eq!(c.addr, "127.0.0.1:9090");
+    }
+
+    #[test]
+    fn bad_values_name_their_source() {
+        let e = load(&[], &[("ECHOCENTER_JWT_TTL", "1d")]).unwrap_err();
+        assert_eq!(e.source, "ECHOCENTER_JWT_TTL");
+        let e = load(&["--max-connections", "lots"], &[]).unwrap_err();
+        assert_eq!(e.source, "--max-connections");
+        let e = load(&[], &[("JWT_SECRET", "short")]).unwrap_err();
+        assert_eq!(e.source, "JWT_SECRET");
+        let e = load(&[], &[("ECHOCENTER_ENV", "staging")]).unwrap_err();
+        assert_eq!(e.source, "ECHOCENTER_ENV");
+        let e = load(&[], &[("SERVER_PORT", "http")]).unwrap_err();
+        assert_eq!(e.source, "SERVER_PORT");
+    }
+
+    #[test]
+    fn an_overridden_value_is_not_parsed() {
+        let c = load(&["--jwt-ttl", "1h"], &[("ECHOCENTER_JWT_TTL", "garbage")]).unwrap();
+        assert_eq!(c.jwt_ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1.5h"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1d"), None);
+        assert_eq!(parse_duration("h"), None);
+        assert_eq!(parse_duration(""), None);
+    }
+}

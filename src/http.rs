@@ -1,0 +1,895 @@
+//! REST: one `match` on (method, path) and a plain function per route. Each handler checks,
+//! in SPEC order: route (404/405), authentication and role (401/403), body size (413),
+//! validation (400). Authentication is an explicit call at the top of the handler.
+
+use std::io::Read;
+use std::net::IpAddr;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+use tiny_http::{Header, Method, Request, Response};
+
+use crate::auth::{self, AuthFailure, BearerError, Role};
+use crate::hub::Principal;
+use crate::server::{query_param, App};
+use crate::store::{LogQuery, NewChat, NewLog, NewMachine, StoreError, UserRow};
+use crate::wire::{self, UserView};
+use crate::{clock, log_error};
+
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// A response before it is written.
+pub struct Reply {
+    status: u16,
+    body: String,
+    content_type: &'static str,
+    headers: Vec<(&'static str, String)>,
+}
+
+impl Reply {
+    fn json<T: Serialize>(status: u16, value: &T) -> Reply {
+        Reply {
+            status,
+            body: serde_json::to_string(value).unwrap_or_else(|_| "{}".into()),
+            content_type: "application/json",
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn html(body: &str) -> Reply {
+        Reply {
+            status: 200,
+            body: body.to_string(),
+            content_type: "text/html; charset=utf-8",
+            headers: Vec::new(),
+        }
+    }
+
+    fn error(status: u16, message: &str) -> Reply {
+        Reply::json(status, &wire::ErrorBody { error: message })
+    }
+
+    fn with_header(mut self, name: &'static str, value: String) -> Reply {
+        self.headers.push((name, value));
+        self
+    }
+}
+
+type Result<T> = std::result::Result<T, Reply>;
+
+impl From<StoreError> for Reply {
+    fn from(e: StoreError) -> Reply {
+        match e {
+            StoreError::Conflict(why) => Reply::error(409, why),
+            StoreError::NotFound => Reply::error(404, "not found"),
+            other => {
+                log_error!("http: storage failed: {other}");
+                Reply::error(500, "internal server error")
+            }
+        }
+    }
+}
+
+/// The routes of SPEC section 3, by path. Methods are checked separately (405).
+enum Endpoint {
+    Dashboard,
+    Ping,
+    Login,
+    Me,
+    Messages,
+    Users,
+    Agents,
+    AgentStatus,
+    AgentTest,
+    AgentToken(String),
+    Agent(String),
+    Butler,
+    History(String),
+    ButlerAgent(String),
+    AuthResponse,
+    Metrics,
+    DevToken(String),
+    DevReset,
+    DevChat,
+    Ws,
+}
+
+fn endpoint(path: &str) -> Option<Endpoint> {
+    let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    let owned = |s: &str| s.to_string();
+    Some(match segs.as_slice() {
+        [] | [""] => Endpoint::Dashboard,
+        ["metrics"] => Endpoint::Metrics,
+        ["api", "ping"] => Endpoint::Ping,
+        ["api", "ws"] => Endpoint::Ws,
+        ["api", "auth", "login"] => Endpoint::Login,
+        ["api", "messages"] => Endpoint::Messages,
+        ["api", "users"] => Endpoint::Users,
+        ["api", "users", "me"] => Endpoint::Me,
+        ["api", "users", "butler"] => Endpoint::Butler,
+        ["api", "users", "agents"] => Endpoint::Agents,
+        ["api", "users", "agents", "status"] => Endpoint::AgentStatus,
+        ["api", "users", "agents", "test-connection"] => Endpoint::AgentTest,
+        ["api", "users", "agents", id] => Endpoint::Agent(owned(id)),
+        ["api", "users", "agents", id, "token"] => Endpoint::AgentToken(owned(id)),
+        ["api", "chat", "history", peer] => Endpoint::History(owned(peer)),
+        ["api", "chat", "butler-agent", agent] => Endpoint::ButlerAgent(owned(agent)),
+        ["api", "chat", "auth", "response"] => Endpoint::AuthResponse,
+        ["api", "dev", "mock", "agent-token", name] => {
+            Endpoint::DevToken(crate::server::percent_decode(name))
+        }
+        ["api", "dev", "mock", "reset"] => Endpoint::DevReset,
+        ["api", "dev", "mock", "chat"] => Endpoint::DevChat,
+        _ => return None,
+    })
+}
+
+/// Everything a handler needs from the request besides the body.
+struct Ctx<'a> {
+    app: &'a App,
+    peer: IpAddr,
+    query: Option<String>,
+    authorization: Option<String>,
+    content_length: Option<usize>,
+}
+
+pub fn handle(app: &App, mut req: Request) {
+    app.hub
+        .metrics
+        .http_requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let header = |name: &str| {
+        req.headers()
+            .iter()
+            .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+            .map(|h| h.value.as_str().to_string())
+    };
+    let peer = header("x-echocenter-peer")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let origin = header("origin");
+    let url = req.url().to_string();
+    let (path, query) = match url.split_once('?') {
+        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        None => (url.clone(), None),
+    };
+    let ctx = Ctx {
+        app,
+        peer,
+        query,
+        authorization: header("authorization"),
+        content_length: req.body_length(),
+    };
+    let cors_origin = origin.filter(|o| app.config.allowed_origins.iter().any(|a| a == o));
+    let method = req.method().clone();
+    let reply = if method == Method::Options && cors_origin.is_some() && endpoint(&path).is_some() {
+        Reply {
+            status: 204,
+            body: String::new(),
+            content_type: "text/plain",
+            headers: vec![
+                (
+                    "Access-Control-Allow-Methods",
+                    "GET, POST, PATCH, DELETE".into(),
+                ),
+                (
+                    "Access-Control-Allow-Headers",
+                    "Authorization, Content-Type".into(),
+                ),
+                ("Access-Control-Max-Age", "600".into()),
+            ],
+        }
+    } else {
+        route(&ctx, &method, &path, req.as_reader()).unwrap_or_else(|r| r)
+    };
+    let mut response = Response::from_string(reply.body).with_status_code(reply.status);
+    let mut headers = reply.headers;
+    headers.push(("Content-Type", reply.content_type.to_string()));
+    if let Some(o) = cors_origin {
+        headers.push(("Access-Control-Allow-Origin", o));
+        headers.push(("Access-Control-Expose-Headers", "X-Total-Count".into()));
+        headers.push(("Vary", "Origin".into()));
+    }
+    for (k, v) in headers {
+        if let Ok(h) = Header::from_bytes(k.as_bytes(), v.as_bytes()) {
+            response.add_header(h);
+        }
+    }
+    let _ = req.respond(response);
+}
+
+fn route(ctx: &Ctx, method: &Method, path: &str, body: &mut dyn Read) -> Result<Reply> {
+    use Method::{Delete, Get, Patch, Post};
+    let Some(ep) = endpoint(path) else {
+        return Err(Reply::error(404, "not found"));
+    };
+    match (ep, method) {
+        (Endpoint::Dashboard, Get) => Ok(crate::dashboard::page()),
+        (Endpoint::Ping, Get) => Ok(Reply::json(200, &serde_json::json!({"message": "pong"}))),
+        (Endpoint::Ws, Get) => Err(Reply::error(426, "websocket upgrade required")),
+        (Endpoint::Login, Post) => login(ctx, body),
+        (Endpoint::Me, Get) => me(ctx),
+        (Endpoint::Messages, Get) => list_logs(ctx),
+        (Endpoint::Messages, Post) => post_log(ctx, body),
+        (Endpoint::Users, Post) => create_user(ctx, body),
+        (Endpoint::Agents, Get) => list_agents(ctx),
+        (Endpoint::Agents, Post) => register_agent(ctx, body),
+        (Endpoint::AgentStatus, Get) => agent_statuses(ctx),
+        (Endpoint::AgentTest, Post) => test_connection(ctx, body),
+        (Endpoint::AgentToken(id), Patch) => rotate_token(ctx, &id, body),
+        (Endpoint::Agent(id), Delete) => delete_agent(ctx, &id),
+        (Endpoint::Butler, Get) => butler(ctx),
+        (Endpoint::History(peer), Get) => history(ctx, &peer),
+        (Endpoint::ButlerAgent(agent), Get) => butler_agent(ctx, &agent),
+        (Endpoint::AuthResponse, Post) => auth_response(ctx, body),
+        (Endpoint::Metrics, Get) => metrics(ctx),
+        (Endpoint::DevToken(name), Get) => dev_token(ctx, &name),
+        (Endpoint::DevReset, Post) => dev_reset(ctx),
+        (Endpoint::DevChat, Post) => dev_chat(ctx, body),
+        _ => Err(Reply::error(405, "method not allowed")),
+    }
+}
+
+// ----- authentication --------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Any authenticated user, human or machine.
+    Any,
+    Human,
+    Admin,
+    AdminOrAgent,
+}
+
+fn authorize(ctx: &Ctx, access: Access) -> Result<Principal> {
+    let token = auth::parse_bearer(ctx.authorization.as_deref()).map_err(|e| {
+        ctx.app
+            .hub
+            .metrics
+            .auth_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match e {
+            BearerError::Missing => Reply::error(401, "authorization header required"),
+            BearerError::Malformed => Reply::error(401, "invalid authorization header format"),
+        }
+    })?;
+    let who = auth::authenticate(&ctx.app.store, &ctx.app.keys, token).map_err(|e| match e {
+        AuthFailure::Invalid => {
+            ctx.app
+                .hub
+                .metrics
+                .auth_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Reply::error(401, "invalid token")
+        }
+        AuthFailure::Unavailable => Reply::error(500, "internal server error"),
+    })?;
+    let allowed = match access {
+        Access::Any => true,
+        Access::Human => who.role.is_human(),
+        Access::Admin => who.role == Role::Admin,
+        Access::AdminOrAgent => matches!(who.role, Role::Admin | Role::Agent | Role::Butler),
+    };
+    if !allowed {
+        let human_lacking_admin =
+            who.role == Role::Member && matches!(access, Access::Admin | Access::AdminOrAgent);
+        return Err(if human_lacking_admin {
+            Reply::error(403, "admin access required")
+        } else {
+            Reply::error(403, "forbidden")
+        });
+    }
+    Ok(who)
+}
+
+// ----- request bodies and query parameters ----------------------------------------------
+
+fn read_body(ctx: &Ctx, body: &mut dyn Read) -> Result<Vec<u8>> {
+    let too_large = || Reply::error(413, "request body too large");
+    if ctx.content_length.is_some_and(|n| n > MAX_BODY_BYTES) {
+        return Err(too_large());
+    }
+    let mut buf = Vec::new();
+    body.take(MAX_BODY_BYTES as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|_| Reply::error(400, "invalid request body"))?;
+    if buf.len() > MAX_BODY_BYTES {
+        return Err(too_large());
+    }
+    Ok(buf)
+}
+
+fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|_| Reply::error(400, "invalid request body"))
+}
+
+fn json_body<T: DeserializeOwned>(ctx: &Ctx, body: &mut dyn Read) -> Result<T> {
+    parse_body(&read_body(ctx, body)?)
+}
+
+fn param(ctx: &Ctx, name: &str) -> Option<String> {
+    ctx.query
+        .as_deref()
+        .and_then(|q| query_param(q, name))
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// An integer query parameter: absent → None; not an integer or below `min` → 400
+/// `invalid <name>`; above `cap` → clamped.
+fn int_param(ctx: &Ctx, name: &str, min: i64, cap: i64) -> Result<Option<i64>> {
+    match param(ctx, name) {
+        None => Ok(None),
+        Some(v) => match v.parse::<i64>() {
+            Ok(n) if n >= min => Ok(Some(n.min(cap))),
+            _ => Err(Reply::error(400, &format!("invalid {name}"))),
+        },
+    }
+}
+
+fn path_id(raw: &str, name: &str) -> Result<i64> {
+    raw.parse::<i64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| Reply::error(400, &format!("invalid {name}")))
+}
+
+// ----- views -----------------------------------------------------------------------------
+
+fn user_views(ctx: &Ctx, rows: Vec<UserRow>) -> Result<Vec<UserView>> {
+    let names: Vec<&str> = rows
+        .iter()
+        .filter(|u| !u.role.is_human())
+        .map(|u| u.username.as_str())
+        .collect();
+    let reports = ctx.app.store.last_reports(&names)?;
+    Ok(rows
+        .into_iter()
+        .map(|u| {
+            let report = reports.get(&u.username).cloned();
+            user_view(ctx, u, report)
+        })
+        .collect())
+}
+
+fn user_view(ctx: &Ctx, u: UserRow, last_report: Option<String>) -> UserView {
+    let machine = (!u.role.is_human()).then(|| {
+        let online_since = ctx.app.hub.online_since(u.id);
+        let online = online_since.is_some();
+        wire::MachineView {
+            token_hint: u.token_hint.clone(),
+            token_updated_at: u.token_updated_at.clone(),
+            status: if online { "ONLINE" } else { "OFFLINE" },
+            online,
+            last_seen_at: online_since
+                .map(clock::format_ms)
+                .or(u.last_seen_at.clone()),
+            last_report: last_report.unwrap_or_else(|| {
+                if online {
+                    "websocket_connected"
+                } else {
+                    "websocket_disconnected"
+                }
+                .to_string()
+            }),
+        }
+    });
+    UserView {
+        id: u.id,
+        username: u.username,
+        role: u.role.as_str(),
+        actor_type: u.role.actor_type(),
+        agent_kind: u.agent_kind,
+        runtime_kind: u.runtime_kind,
+        description: u.description,
+        created_at: u.created_at,
+        machine,
+        api_token: None,
+    }
+}
+
+fn single_view(ctx: &Ctx, u: UserRow) -> Result<UserView> {
+    Ok(user_views(ctx, vec![u])?
+        .pop()
+        .expect("one row in, one view out"))
+}
+
+// ----- handlers --------------------------------------------------------------------------
+
+fn login(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
+    if let Some(wait) = ctx.app.logins.retry_after(ctx.peer) {
+        ctx.app.hub.metrics.limit("login_rate_limited");
+        return Err(Reply::error(429, "too many login attempts")
+            .with_header("Retry-After", wait.to_string()));
+    }
+    let req: wire::LoginRequest = json_body(ctx, body)?;
+    if req.username.is_empty() || req.password.is_empty() {
+        return Err(Reply::error(400, "invalid request body"));
+    }
+    let found = ctx.app.store.password_hash(&req.username)?;
+    let verified = match &found {
+        Some((_, hash)) => auth::verify_password(&req.password, hash),
+        None => {
+            auth::verify_password_dummy(&req.password);
+            false
+        }
+    };
+    let user = match (verified, found) {
+        (true, Some((id, _))) => ctx.app.store.user_by_id(id)?,
+        _ => None,
+    };
+    let Some(user) = user else {
+        ctx.app.logins.record_failure(ctx.peer);
+        ctx.app
+            .hub
+            .metrics
+            .auth_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Err(Reply::error(401, "invalid credentials"));
+    };
+    let token = ctx.app.keys.issue(user.id, user.role, clock::now_secs());
+    let user = single_view(ctx, user)?;
+    Ok(Reply::json(200, &wire::LoginResponse { token, user }))
+}
+
+fn me(ctx: &Ctx) -> Result<Reply> {
+    let who = authorize(ctx, Access::Any)?;
+    let row = ctx
+        .app
+        .store
+        .user_by_id(who.id)?
+        .ok_or_else(|| Reply::error(401, "invalid token"))?;
+    Ok(Reply::json(200, &single_view(ctx, row)?))
+}
+
+fn list_logs(ctx: &Ctx) -> Result<Reply> {
+    authorize(ctx, Access::Human)?;
+    let query = LogQuery {
+        offset: int_param(ctx, "offset", 0, i64::MAX)?.unwrap_or(0),
+        limit: int_param(ctx, "limit", 1, 200)?.unwrap_or(50),
+        agent_id: param(ctx, "agent_id"),
+        level: param(ctx, "level"),
+        q: param(ctx, "q"),
+    };
+    let rows = ctx.app.store.logs(&query)?;
+    let views: Vec<wire::LogView> = rows
+        .iter()
+        .map(|r| wire::LogView {
+            id: r.id,
+            agent_id: &r.agent_id,
+            level: &r.level,
+            content: &r.content,
+            timestamp: &r.timestamp,
+        })
+        .collect();
+    Ok(Reply::json(200, &views))
+}
+
+fn post_log(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
+    let who = authorize(ctx, Access::AdminOrAgent)?;
+    let req: wire::PostLogRequest = json_body(ctx, body)?;
+    let agent_id = if who.role.is_human() {
+        req.agent_id
+            .filter(|a| !a.trim().is_empty())
+            .ok_or_else(|| Reply::error(400, "agent_id is required"))?
+    } else {
+        who.username.clone()
+    };
+    let level = crate::hub::normalize_level(req.level.as_deref().filter(|l| !l.is_empty()))
+        .ok_or_else(|| Reply::error(400, "invalid level"))?;
+    let stored = ctx.app.store.insert_log(NewLog {
+        sender_id: Some(who.id),
+        agent_id: agent_id.clone(),
+        level: level.clone(),
+        content: req.content.clone(),
+        local_id: None,
+    })?;
+    ctx.app.hub.broadcast_log(
+        who.id,
+        &agent_id,
+        who.role.as_str(),
+        &stored,
+        &level,
+        &req.content,
+        None,
+    );
+    Ok(Reply::json(
+        201,
+        &wire::LogView {
+            id: stored.id,
+            agent_id: &agent_id,
+            level: &level,
+            content: &req.content,
+            timestamp: &stored.timestamp,
+        },
+    ))
+}
+
+fn create_user(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
+    authorize(ctx, Access::Admin)?;
+    let req: wire::CreateUserRequest = json_body(ctx, body)?;
+    if !auth::valid_username(&req.username) {
+        return Err(Reply::error(400, "invalid username"));
+    }
+    let role = match Role::parse(&req.role.to_ascii_uppercase()) {
+        Some(r @ (Role::Admin | Role::Member)) => r,
+        _ => return Err(Reply::error(400, "invalid role")),
+    };
+    if req.password.is_empty() {
+        return Err(Reply::error(400, "password is required"));
+    }
+    let row =
+        ctx.app
+            .store
+            .create_human(&req.username, role, &auth::hash_password(&req.password))?;
+    ctx.app.hub.forget_user(row.id);
+    Ok(Reply::json(201, &single_view(ctx, row)?))
+}
+
+fn list_agents(ctx: &Ctx) -> Result<Reply> {
+    authorize(ctx, Access::Human)?;
+    let q = param(ctx, "q").map(|s| s.to_lowercase());
+    let excluded: Vec<String> = param(ctx, "exclude_role")
+        .map(|s| {
+            s.split(',')
+                .map(|r| r.trim().to_ascii_uppercase())
+                .collect()
+        })
+        .unwrap_or_default();
+    let page = int_param(ctx, "page", 1, i64::MAX)?;
+    let limit = int_param(ctx, "limit", 1, 200)?;
+    let rows: Vec<UserRow> = ctx
+        .app
+        .store
+        .machines()?
+        .into_iter()
+        .filter(|u| !excluded.iter().any(|r| r == u.role.as_str()))
+        .filter(|u| {
+            q.as_ref().is_none_or(|q| {
+                u.username.to_lowercase().contains(q) || u.role.as_str().to_lowercase().contains(q)
+            })
+        })
+        .collect();
+    let total = rows.len();
+    let rows: Vec<UserRow> = match (page, limit) {
+        (None, None) => rows,
+        (page, limit) => {
+            let limit = limit.unwrap_or(50) as usize;
+            let skip = (page.unwrap_or(1) as usize - 1).saturating_mul(limit);
+            rows.into_iter().skip(skip).take(limit).collect()
+        }
+    };
+    Ok(Reply::json(200, &user_views(ctx, rows)?).with_header("X-Total-Count", total.to_string()))
+}
+
+fn agent_statuses(ctx: &Ctx) -> Result<Reply> {
+    authorize(ctx, Access::Human)?;
+    let agents: Vec<UserRow> = ctx
+        .app
+        .store
+        .machines()?
+        .into_iter()
+        .filter(|u| u.role == Role::Agent)
+        .collect();
+    let statuses: Vec<wire::AgentStatus> = user_views(ctx, agents)?
+        .into_iter()
+        .filter_map(|v| {
+            let m = v.machine?;
+            Some(wire::AgentStatus {
+                id: v.id,
+                username: v.username,
+                role: v.role,
+                status: m.status,
+                online: m.online,
+                last_seen_at: m.last_seen_at,
+                last_report: m.last_report,
+            })
+        })
+        .collect();
+    Ok(Reply::json(200, &statuses))
+}
+
+fn butler(ctx: &Ctx) -> Result<Reply> {
+    authorize(ctx, Access::Human)?;
+    let butler = ctx
+        .app
+        .store
+        .machines()?
+        .into_iter()
+        .find(|u| u.role == Role::Butler);
+    match butler {
+        Some(b) => Ok(Reply::json(200, &single_view(ctx, b)?)),
+        None => Err(Reply::error(404, "butler not found")),
+    }
+}
+
+fn register_agent(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
+    authorize(ctx, Access::Admin)?;
+    let req: wire::RegisterAgentRequest = json_body(ctx, body)?;
+    let username = req.username.as_deref().map(str::trim).unwrap_or("");
+    if username.is_empty() {
+        return Err(Reply::error(400, "username is required"));
+    }
+    if !auth::valid_username(username) {
+        return Err(Reply::error(400, "invalid username"));
+    }
+    let token = match req
+        .api_token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        Some(t) if auth::valid_supplied_token(t) => t.to_string(),
+        Some(_) => return Err(Reply::error(400, "invalid api_token")),
+        None => auth::generate_token(),
+    };
+    let kind = |v: &Option<String>, default: &str| {
+        v.as_deref()
+            .map(|s| s.trim().to_lowercase())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| default.to_string())
+    };
+    let row = ctx.app.store.create_machine(
+        &NewMachine {
+            username,
+            role: Role::Agent,
+            token: &token,
+            agent_kind: &kind(&req.agent_kind, "generic"),
+            runtime_kind: &kind(&req.runtime_kind, "websocket"),
+            description: req.description.as_deref().unwrap_or("").trim(),
+        },
+        !ctx.app.production(),
+    )?;
+    ctx.app.hub.forget_user(row.id);
+    let mut view = single_view(ctx, row)?;
+    view.api_token = Some(token);
+    Ok(Reply::json(201, &view))
+}
+
+fn test_connection(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
+    authorize(ctx, Access::Admin)?;
+    let req: wire::TokenRequest = json_body(ctx, body)?;
+    let token = req.api_token.as_deref().map(str::trim).unwrap_or("");
+    if token.is_empty() {
+        return Err(Reply::error(400, "api_token is required"));
+    }
+    let found = ctx
+        .app
+        .store
+        .machine_by_token_hash(&auth::token_sha256(token))?;
+    Ok(Reply::json(
+        200,
+        &match found {
+            Some(u) => wire::TestConnectionResponse {
+                ok: true,
+                message: "token accepted by backend",
+                agent_id: Some(u.id),
+                agent_name: Some(u.username),
+            },
+            None => wire::TestConnectionResponse {
+                ok: false,
+                message: "token is not registered to any agent",
+                agent_id: None,
+                agent_name: None,
+            },
+        },
+    ))
+}
+
+/// The agent (or Butler) behind `:id`, or the SPEC's 400/404.
+fn machine_target(ctx: &Ctx, raw_id: &str, allow_butler: bool) -> Result<UserRow> {
+    let id = path_id(raw_id, "agent id")?;
+    let user = ctx
+        .app
+        .store
+        .user_by_id(id)?
+        .filter(|u| !u.deleted)
+        .ok_or_else(|| Reply::error(404, "agent not found"))?;
+    let ok = user.role == Role::Agent || (allow_butler && user.role == Role::Butler);
+    if !ok {
+        return Err(Reply::error(400, "target user is not an agent"));
+    }
+    Ok(user)
+}
+
+fn rotate_token(ctx: &Ctx, raw_id: &str, body: &mut dyn Read) -> Result<Reply> {
+    authorize(ctx, Access::Admin)?;
+    let bytes = read_body(ctx, body)?;
+    let req: wire::TokenRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
+        wire::TokenRequest { api_token: None }
+    } else {
+        parse_body(&bytes)?
+    };
+    let user = machine_target(ctx, raw_id, true)?;
+    let token = match req
+        .api_token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        Some(t) if auth::valid_supplied_token(t) => t.to_string(),
+        Some(_) => return Err(Reply::error(400, "invalid api_token")),
+        None => auth::generate_token(),
+    };
+    ctx.app
+        .store
+        .rotate_token(user.id, &token, !ctx.app.production())?;
+    ctx.app.hub.close_user(user.id, 1008, "token revoked");
+    Ok(Reply::json(
+        200,
+        &wire::RotateResponse {
+            ok: true,
+            message: "agent token updated",
+            agent_id: user.id,
+            api_token: token,
+        },
+    ))
+}
+
+fn delete_agent(ctx: &Ctx, raw_id: &str) -> Result<Reply> {
+    authorize(ctx, Access::Admin)?;
+    let user = machine_target(ctx, raw_id, false)?;
+    ctx.app.store.delete_agent(user.id)?;
+    ctx.app.hub.forget_user(user.id);
+    ctx.app.hub.close_user(user.id, 1008, "agent removed");
+    Ok(Reply::json(200, &serde_json::json!({"ok": true})))
+}
+
+fn chat_rows(rows: &[crate::store::ChatRow]) -> Vec<wire::ChatView<'_>> {
+    rows.iter()
+        .map(|r| wire::ChatView {
+            id: r.id,
+            local_id: r.local_id.as_deref(),
+            sender_id: r.sender_id,
+            receiver_id: r.receiver_id,
+            kind: &r.kind,
+            payload: &r.payload,
+            stream_id: r.stream_id.as_deref(),
+            conversation_id: r.conversation_id,
+            timestamp: &r.timestamp,
+        })
+        .collect()
+}
+
+fn history(ctx: &Ctx, raw_peer: &str) -> Result<Reply> {
+    let who = authorize(ctx, Access::Any)?;
+    let peer = raw_peer
+        .parse::<i64>()
+        .map_err(|_| Reply::error(400, "invalid peer_id"))?;
+    let limit = int_param(ctx, "limit", 1, 500)?.unwrap_or(100);
+    let before = int_param(ctx, "before_id", 1, i64::MAX)?;
+    let rows = ctx.app.store.chat_history(who.id, peer, limit, before)?;
+    Ok(Reply::json(200, &chat_rows(&rows)))
+}
+
+fn butler_agent(ctx: &Ctx, raw_agent: &str) -> Result<Reply> {
+    authorize(ctx, Access::Admin)?;
+    let agent = path_id(raw_agent, "agent_id")?;
+    let limit = int_param(ctx, "limit", 1, 500)?.unwrap_or(100);
+    let before = int_param(ctx, "before_id", 1, i64::MAX)?;
+    let butler = ctx
+        .app
+        .store
+        .machines()?
+        .into_iter()
+        .find(|u| u.role == Role::Butler)
+        .ok_or_else(|| Reply::error(404, "butler not found"))?;
+    let rows = ctx
+        .app
+        .store
+        .chat_history(butler.id, agent, limit, before)?;
+    Ok(Reply::json(200, &chat_rows(&rows)))
+}
+
+fn auth_response(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
+    let who = authorize(ctx, Access::Human)?;
+    let req: wire::AuthResponseRequest = json_body(ctx, body)?;
+    let payload =
+        serde_json::json!({"action_id": req.action_id, "approved": req.approved}).to_string();
+    let payload = serde_json::value::RawValue::from_string(payload)
+        .map_err(|_| Reply::error(400, "invalid request body"))?;
+    match ctx.app.hub.post_auth_response(&who, &payload) {
+        Ok(()) => Ok(Reply::json(
+            200,
+            &serde_json::json!({"status": "processed"}),
+        )),
+        Err(e) if e.code == "target_not_found" => Err(Reply::error(404, "butler not found")),
+        Err(_) => Err(Reply::error(500, "internal server error")),
+    }
+}
+
+fn metrics(ctx: &Ctx) -> Result<Reply> {
+    let Some(expected) = &ctx.app.config.metrics_token else {
+        return Err(Reply::error(404, "not found"));
+    };
+    let presented = auth::parse_bearer(ctx.authorization.as_deref()).map_err(|e| match e {
+        BearerError::Missing => Reply::error(401, "authorization header required"),
+        BearerError::Malformed => Reply::error(401, "invalid authorization header format"),
+    })?;
+    // Compare digests so neither length nor content leaks through timing.
+    let ok: bool = auth::token_sha256(presented)
+        .as_bytes()
+        .ct_eq(auth::token_sha256(expected).as_bytes())
+        .into();
+    if !ok {
+        return Err(Reply::error(401, "invalid token"));
+    }
+    Ok(Reply {
+        status: 200,
+        body: ctx.app.hub.metrics.render(&ctx.app.store),
+        content_type: "text/plain; version=0.0.4",
+        headers: Vec::new(),
+    })
+}
+
+fn dev_gate(ctx: &Ctx) -> Result<Principal> {
+    let who = authorize(ctx, Access::Admin)?;
+    if ctx.app.production() {
+        return Err(Reply::error(
+            403,
+            "mock endpoints are disabled in production",
+        ));
+    }
+    Ok(who)
+}
+
+fn dev_token(ctx: &Ctx, username: &str) -> Result<Reply> {
+    dev_gate(ctx)?;
+    let user = ctx
+        .app
+        .store
+        .user_by_name(username)?
+        .ok_or_else(|| Reply::error(404, "user not found"))?;
+    let token = if user.role.is_human() {
+        None
+    } else {
+        ctx.app.store.raw_token(user.id)?
+    };
+    Ok(Reply::json(
+        200,
+        &wire::DevToken {
+            username: &user.username,
+            role: user.role.as_str(),
+            api_token: token.as_deref().unwrap_or(""),
+        },
+    ))
+}
+
+fn dev_reset(ctx: &Ctx) -> Result<Reply> {
+    dev_gate(ctx)?;
+    ctx.app.hub.close_all(1008, "data reset");
+    ctx.app.store.wipe()?;
+    ctx.app.hub.forget_all_users();
+    crate::server::bootstrap(&ctx.app.store, &ctx.app.config)?;
+    Ok(Reply::json(200, &serde_json::json!({"status": "reset"})))
+}
+
+fn dev_chat(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
+    dev_gate(ctx)?;
+    let req: wire::MockChatRequest = json_body(ctx, body)?;
+    let sender = ctx
+        .app
+        .store
+        .user_by_name(&req.sender_username)?
+        .ok_or_else(|| Reply::error(400, "sender user not found"))?;
+    let receiver = ctx
+        .app
+        .store
+        .user_by_name(&req.receiver_username)?
+        .ok_or_else(|| Reply::error(400, "receiver user not found"))?;
+    let kind = req.kind.unwrap_or_else(|| "CHAT".into());
+    if !matches!(kind.as_str(), "CHAT" | "AUTH_REQUEST" | "AUTH_RESPONSE") {
+        return Err(Reply::error(400, "invalid type"));
+    }
+    let stored = ctx.app.store.insert_chat(NewChat {
+        sender_id: sender.id,
+        receiver_id: receiver.id,
+        kind,
+        payload: req.content.get().to_string(),
+        local_id: req.local_id.filter(|l| !l.is_empty()),
+        stream_id: None,
+        conversation_id: None,
+    })?;
+    Ok(Reply::json(201, &serde_json::json!({"id": stored.id})))
+}

@@ -1,0 +1,1059 @@
+//! The hub: who is connected, and where each frame goes.
+//!
+//! Invariants:
+//! - The hub owns the registry (user id → live connections); nothing else reaches into it.
+//! - Routing never blocks: a delivery is a push onto the recipient's unbounded queue, guarded by
+//!   our own count and byte caps. A recipient over its cap is closed (1013), not waited for.
+//! - A stored frame is routed only after the store returned its `id`.
+//! - Frames from one connection are routed in the order they were read (the connection's
+//!   reader thread does the routing itself), so a stream's chunks, its final CHAT and its END
+//!   reach each recipient in order.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use serde_json::value::RawValue;
+use tungstenite::Utf8Bytes;
+
+use crate::auth::Role;
+use crate::metrics::Metrics;
+use crate::store::{self, ChatRow, NewChat, NewLog, Store, Stored};
+use crate::wire::{self, Frame};
+use crate::{clock, log_debug, log_warn};
+
+/// Most queued frames per connection before it counts as a slow consumer.
+pub const MAX_QUEUED_FRAMES: usize = 1024;
+/// Most queued bytes per connection before it counts as a slow consumer.
+pub const MAX_QUEUED_BYTES: usize = 4 << 20;
+/// Most live connections one user may hold.
+pub const MAX_CONNS_PER_USER: usize = 16;
+/// Store-and-forward replays at most this many frames, none older than `REPLAY_MAX_AGE`.
+pub const REPLAY_LIMIT: i64 = 1000;
+pub const REPLAY_MAX_AGE_MS: i64 = 7 * 24 * 3600 * 1000;
+/// How long a user lookup for routing is trusted (users added or removed by another process,
+/// e.g. the CLI, are seen after this long).
+const DIRECTORY_TTL: Duration = Duration::from_secs(5);
+
+/// Who is on the other end of a connection.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    pub id: i64,
+    pub username: String,
+    pub role: Role,
+    /// For machines: the hash of the token this session authenticated with.
+    pub token_hash: Option<String>,
+}
+
+/// One frame queued for a connection's writer.
+pub struct Outbound {
+    pub text: Utf8Bytes,
+    pub kind: &'static str,
+    /// Set for a stored frame addressed to this connection's (machine) user: once written,
+    /// it advances the user's delivery mark.
+    pub stored_id: Option<i64>,
+}
+
+/// Instructions to a connection's writer that jump the data queue.
+pub enum Control {
+    Pong(tungstenite::Bytes),
+    Close(u16, &'static str),
+}
+
+/// The hub's handle on one live WebSocket connection.
+pub struct Conn {
+    pub id: u64,
+    pub principal: Principal,
+    out: Sender<Outbound>,
+    ctl: Sender<Control>,
+    queued_frames: AtomicUsize,
+    queued_bytes: AtomicUsize,
+    closing: AtomicBool,
+    /// Milliseconds since the epoch of the last frame from the client (or of the connect).
+    pub last_activity_ms: AtomicI64,
+}
+
+pub struct ConnQueues {
+    pub out: Receiver<Outbound>,
+    pub ctl: Receiver<Control>,
+}
+
+impl Conn {
+    /// Queues a frame. Never blocks; a connection over its cap is closed with 1013.
+    fn deliver(&self, hub: &Hub, frame: Outbound) -> bool {
+        if self.closing.load(Relaxed) {
+            return false;
+        }
+        let len = frame.text.len();
+        let frames = self.queued_frames.fetch_add(1, Relaxed) + 1;
+        let bytes = self.queued_bytes.fetch_add(len, Relaxed) + len;
+        if frames > MAX_QUEUED_FRAMES || bytes > MAX_QUEUED_BYTES {
+            self.queued_frames.fetch_sub(1, Relaxed);
+            self.queued_bytes.fetch_sub(len, Relaxed);
+            if self.close(1013, "slow consumer") {
+                hub.metrics.slow_consumer_closes.fetch_add(1, Relaxed);
+                log_warn!(
+                    "ws: closing slow consumer {} (user {}): {frames} frames / {bytes} bytes queued",
+                    self.id,
+                    self.principal.id
+                );
+            }
+            return false;
+        }
+        hub.metrics.frame_out(frame.kind);
+        self.out.send(frame).is_ok()
+    }
+
+    /// The writer took a frame off the queue.
+    pub fn dequeued(&self, len: usize) {
+        self.queued_frames.fetch_sub(1, Relaxed);
+        self.queued_bytes.fetch_sub(len, Relaxed);
+    }
+
+    /// Asks the writer to close with `code`. Returns false if a close was already asked for.
+    pub fn close(&self, code: u16, reason: &'static str) -> bool {
+        if self.closing.swap(true, Relaxed) {
+            return false;
+        }
+        let _ = self.ctl.send(Control::Close(code, reason));
+        true
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Relaxed)
+    }
+
+    /// Sends a pong through the writer (the reader never writes to the socket).
+    pub fn pong(&self, data: tungstenite::Bytes) {
+        let _ = self.ctl.send(Control::Pong(data));
+    }
+
+    pub fn touch(&self) {
+        self.last_activity_ms.store(clock::now_ms(), Relaxed);
+    }
+
+    /// Queues a frame for this connection only (ACK, ERROR, replay).
+    pub fn send_direct(
+        &self,
+        hub: &Hub,
+        kind: &'static str,
+        text: String,
+        stored_id: Option<i64>,
+    ) -> bool {
+        self.deliver(
+            hub,
+            Outbound {
+                text: text.into(),
+                kind,
+                stored_id,
+            },
+        )
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    by_user: HashMap<i64, Vec<Arc<Conn>>>,
+    /// Human connections, for SYSTEM_LOG and PRESENCE fan-out without a scan of every agent.
+    humans: Vec<Arc<Conn>>,
+}
+
+#[derive(Clone)]
+struct Target {
+    role: Role,
+}
+
+/// Why a frame was refused: becomes an ERROR frame on the sender's connection.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+fn refuse(code: &'static str, message: impl Into<String>) -> FrameError {
+    FrameError {
+        code,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum RegisterError {
+    TooManyForUser,
+}
+
+pub struct Hub {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    registry: RwLock<Registry>,
+    directory: Mutex<HashMap<i64, (Instant, Option<Target>)>>,
+    marks: Mutex<HashMap<i64, i64>>,
+    next_conn_id: AtomicU64,
+    /// Connections of every kind (REST and WebSocket) open right now.
+    pub open_sockets: AtomicUsize,
+}
+
+/// A validated inbound frame.
+struct Envelope<'a> {
+    kind: &'static str,
+    target_id: i64,
+    payload: Option<&'a RawValue>,
+    local_id: Option<String>,
+    stream_id: Option<String>,
+    conversation_id: Option<i64>,
+}
+
+const KNOWN_TYPES: &[&str] = &[
+    "SYSTEM_LOG",
+    "CHAT",
+    "CHAT_STREAM",
+    "CHAT_STREAM_END",
+    "AUTH_REQUEST",
+    "AUTH_RESPONSE",
+    "AUTH_STATUS_UPDATE",
+];
+const SERVER_ONLY_TYPES: &[&str] = &["ACK", "ERROR", "PRESENCE", "BUTLER_AGENT_MESSAGE"];
+
+impl Hub {
+    pub fn new(store: Store, metrics: Arc<Metrics>) -> Arc<Hub> {
+        Arc::new(Hub {
+            store,
+            metrics,
+            registry: RwLock::new(Registry::default()),
+            directory: Mutex::new(HashMap::new()),
+            marks: Mutex::new(HashMap::new()),
+            next_conn_id: AtomicU64::new(1),
+            open_sockets: AtomicUsize::new(0),
+        })
+    }
+
+    // ----- registry ---------------------------------------------------------------------
+
+    /// Adds a connection. Returns it, its queues, and whether it is the user's first.
+    pub fn register(
+        &self,
+        principal: Principal,
+    ) -> Result<(Arc<Conn>, ConnQueues, bool), RegisterError> {
+        let (out_tx, out_rx) = unbounded();
+        let (ctl_tx, ctl_rx) = unbounded();
+        let conn = Arc::new(Conn {
+            id: self.next_conn_id.fetch_add(1, Relaxed),
+            principal,
+            out: out_tx,
+            ctl: ctl_tx,
+            queued_frames: AtomicUsize::new(0),
+            queued_bytes: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
+            last_activity_ms: AtomicI64::new(clock::now_ms()),
+        });
+        let first = {
+            let mut reg = self.registry.write().unwrap_or_else(|p| p.into_inner());
+            let list = reg.by_user.entry(conn.principal.id).or_default();
+            if list.len() >= MAX_CONNS_PER_USER {
+                return Err(RegisterError::TooManyForUser);
+            }
+            list.push(conn.clone());
+            let first = list.len() == 1;
+            if conn.principal.role.is_human() {
+                reg.humans.push(conn.clone());
+            }
+            first
+        };
+        self.metrics.connection_opened(conn.principal.role);
+        if first && !conn.principal.role.is_human() {
+            self.announce_presence(&conn.principal, true, &clock::now_rfc3339());
+        }
+        Ok((
+            conn,
+            ConnQueues {
+                out: out_rx,
+                ctl: ctl_rx,
+            },
+            first,
+        ))
+    }
+
+    pub fn unregister(&self, conn: &Arc<Conn>) {
+        let last = {
+            let mut reg = self.registry.write().unwrap_or_else(|p| p.into_inner());
+            let mut last = false;
+            if let Some(list) = reg.by_user.get_mut(&conn.principal.id) {
+                list.retain(|c| c.id != conn.id);
+                if list.is_empty() {
+                    reg.by_user.remove(&conn.principal.id);
+                    last = true;
+                }
+            }
+            if conn.principal.role.is_human() {
+                reg.humans.retain(|c| c.id != conn.id);
+            }
+            last
+        };
+        self.metrics.connection_closed(conn.principal.role);
+        if last && !conn.principal.role.is_human() {
+            let now = clock::now_rfc3339();
+            self.store.set_last_seen(conn.principal.id, now.clone());
+            self.announce_presence(&conn.principal, false, &now);
+        }
+    }
+
+    fn conns_of(&self, user_id: i64) -> Vec<Arc<Conn>> {
+        let reg = self.registry.read().unwrap_or_else(|p| p.into_inner());
+        reg.by_user.get(&user_id).cloned().unwrap_or_default()
+    }
+
+    fn humans(&self) -> Vec<Arc<Conn>> {
+        self.registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .humans
+            .clone()
+    }
+
+    /// When the user was last active, if it is online now.
+    pub fn online_since(&self, user_id: i64) -> Option<i64> {
+        let reg = self.registry.read().unwrap_or_else(|p| p.into_inner());
+        reg.by_user
+            .get(&user_id)
+            .and_then(|list| list.iter().map(|c| c.last_activity_ms.load(Relaxed)).max())
+    }
+
+    pub fn connection_count(&self) -> usize {
+        let reg = self.registry.read().unwrap_or_else(|p| p.into_inner());
+        reg.by_user.values().map(Vec::len).sum()
+    }
+
+    /// Closes every session of a user (token rotated, agent removed, data reset).
+    pub fn close_user(&self, user_id: i64, code: u16, reason: &'static str) {
+        for c in self.conns_of(user_id) {
+            c.close(code, reason);
+        }
+    }
+
+    /// Closes every session (shutdown: 1001; reset: 1008).
+    pub fn close_all(&self, code: u16, reason: &'static str) {
+        let all: Vec<Arc<Conn>> = {
+            let reg = self.registry.read().unwrap_or_else(|p| p.into_inner());
+            reg.by_user.values().flatten().cloned().collect()
+        };
+        for c in all {
+            c.close(code, reason);
+        }
+    }
+
+    /// Forgets cached facts about a user (after it was created, deleted or reset).
+    pub fn forget_user(&self, user_id: i64) {
+        self.directory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&user_id);
+        self.marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&user_id);
+    }
+
+    pub fn forget_all_users(&self) {
+        self.directory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.marks.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    fn target(&self, user_id: i64) -> Result<Option<Target>, FrameError> {
+        if let Some((at, t)) = self
+            .directory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&user_id)
+        {
+            if at.elapsed() < DIRECTORY_TTL {
+                return Ok(t.clone());
+            }
+        }
+        let row = self.store.user_by_id(user_id).map_err(|e| {
+            crate::log_error!("hub: user lookup failed: {e}");
+            refuse("internal", "storage unavailable")
+        })?;
+        let t = row.filter(|u| !u.deleted).map(|u| Target { role: u.role });
+        self.directory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(user_id, (Instant::now(), t.clone()));
+        Ok(t)
+    }
+
+    // ----- delivery marks (store and forward) -------------------------------------------
+
+    fn mark_of(&self, user_id: i64) -> i64 {
+        if let Some(m) = self
+            .marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&user_id)
+        {
+            return *m;
+        }
+        let m = self.store.delivered_mark(user_id).unwrap_or(0);
+        *self
+            .marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(user_id)
+            .or_insert(m)
+    }
+
+    /// A writer flushed stored frames up to `id` to one of `user_id`'s connections.
+    pub fn delivered(&self, user_id: i64, id: i64) {
+        let current = self.mark_of(user_id);
+        if id <= current {
+            return;
+        }
+        let advanced = {
+            let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+            let m = marks.entry(user_id).or_insert(current);
+            if id > *m {
+                *m = id;
+                true
+            } else {
+                false
+            }
+        };
+        if advanced {
+            self.store.mark_delivered(user_id, id);
+        }
+    }
+
+    /// Frames stored for a machine user while it was away, as outbound frames in id order.
+    pub fn replay_for(&self, principal: &Principal) -> Vec<Outbound> {
+        let mark = self.mark_of(principal.id);
+        let since = clock::format_ms(clock::now_ms() - REPLAY_MAX_AGE_MS);
+        let rows = match self
+            .store
+            .undelivered(principal.id, mark, &since, REPLAY_LIMIT)
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                crate::log_error!(
+                    "hub: cannot load frames to replay for user {}: {e}",
+                    principal.id
+                );
+                return Vec::new();
+            }
+        };
+        rows.iter()
+            .filter_map(|row| self.replay_frame(row))
+            .collect()
+    }
+
+    fn replay_frame(&self, row: &ChatRow) -> Option<Outbound> {
+        let sender = self.store.user_by_id(row.sender_id).ok().flatten()?;
+        let kind = static_type(&row.kind)?;
+        let frame = Frame {
+            id: Some(row.id),
+            kind,
+            sender_id: sender.id,
+            sender_name: &sender.username,
+            sender_role: sender.role.as_str(),
+            target_id: Some(row.receiver_id),
+            payload: Some(&row.payload),
+            local_id: row.local_id.as_deref(),
+            stream_id: row.stream_id.as_deref(),
+            conversation_id: row.conversation_id,
+            timestamp: &row.timestamp,
+        };
+        Some(Outbound {
+            text: frame.to_json().into(),
+            kind,
+            stored_id: Some(row.id),
+        })
+    }
+
+    // ----- inbound frames ---------------------------------------------------------------
+
+    /// Validates, stores and routes one text frame from `from`.
+    pub fn handle_frame(
+        &self,
+        from: &Arc<Conn>,
+        text: &str,
+    ) -> Result<(), (FrameError, Option<String>)> {
+        let env = parse_envelope(text).map_err(|e| (e, None))?;
+        self.metrics.frame_in(env.kind);
+        let local_id = env.local_id.clone();
+        self.dispatch(from, env).map_err(|e| (e, local_id))
+    }
+
+    fn dispatch(&self, from: &Arc<Conn>, env: Envelope) -> Result<(), FrameError> {
+        let me = &from.principal;
+        match env.kind {
+            "SYSTEM_LOG" => self.system_log(from, env),
+            "CHAT" | "CHAT_STREAM" | "CHAT_STREAM_END" => {
+                let target = self.require_target(env.target_id)?;
+                self.relay(from, env, target)
+            }
+            "AUTH_REQUEST" => {
+                if me.role != Role::Butler {
+                    return Err(refuse("forbidden", "only the Butler may send AUTH_REQUEST"));
+                }
+                let target = self.require_target(env.target_id)?;
+                if !target.1.role.is_human() {
+                    return Err(refuse("forbidden", "AUTH_REQUEST must target a human"));
+                }
+                self.relay(from, env, target)
+            }
+            "AUTH_RESPONSE" => {
+                if !me.role.is_human() {
+                    return Err(refuse("forbidden", "only humans may send AUTH_RESPONSE"));
+                }
+                let butler = self.butler_id()?;
+                let target_id = if env.target_id == 0 {
+                    butler
+                } else {
+                    env.target_id
+                };
+                if target_id != butler {
+                    return Err(refuse("forbidden", "AUTH_RESPONSE must target the Butler"));
+                }
+                let target = self.require_target(target_id)?;
+                self.relay(from, Envelope { target_id, ..env }, target)
+            }
+            "AUTH_STATUS_UPDATE" => {
+                if me.role != Role::Butler {
+                    return Err(refuse(
+                        "forbidden",
+                        "only the Butler may send AUTH_STATUS_UPDATE",
+                    ));
+                }
+                if env.target_id == 0 {
+                    let text = self.frame_from(me, &env, None, &clock::now_rfc3339());
+                    for c in self.humans() {
+                        c.deliver(self, text.clone_for(None));
+                    }
+                    Ok(())
+                } else {
+                    let target = self.require_target(env.target_id)?;
+                    self.relay(from, env, target)
+                }
+            }
+            // parse_envelope admits only the known types.
+            _ => Err(refuse("unknown_type", "unknown frame type")),
+        }
+    }
+
+    fn require_target(&self, target_id: i64) -> Result<(i64, Target), FrameError> {
+        if target_id == 0 {
+            return Err(refuse(
+                "target_required",
+                "this frame type needs a target_id",
+            ));
+        }
+        match self.target(target_id)? {
+            Some(t) => Ok((target_id, t)),
+            None => Err(refuse(
+                "target_not_found",
+                format!("no user with id {target_id}"),
+            )),
+        }
+    }
+
+    pub fn butler_id(&self) -> Result<i64, FrameError> {
+        let machines = self
+            .store
+            .machines()
+            .map_err(|_| refuse("internal", "storage unavailable"))?;
+        machines
+            .iter()
+            .find(|u| u.role == Role::Butler)
+            .map(|u| u.id)
+            .ok_or_else(|| refuse("target_not_found", "there is no Butler"))
+    }
+
+    /// CHAT, CHAT_STREAM(_END), AUTH_*: store if the type is stored, then deliver to every
+    /// connection of the target and echo to a human sender's connections.
+    fn relay(
+        &self,
+        from: &Arc<Conn>,
+        env: Envelope,
+        (target_id, target): (i64, Target),
+    ) -> Result<(), FrameError> {
+        let me = &from.principal;
+        let stored_type = matches!(env.kind, "CHAT" | "AUTH_REQUEST" | "AUTH_RESPONSE");
+        let stored = if stored_type {
+            Some(self.store_chat(me, &env, target_id)?)
+        } else {
+            None
+        };
+        let timestamp = stored
+            .as_ref()
+            .map(|s| s.timestamp.clone())
+            .unwrap_or_else(clock::now_rfc3339);
+        let frame = self.frame_from(me, &env, stored.as_ref().map(|s| s.id), &timestamp);
+        let duplicate = stored.as_ref().is_some_and(|s| s.duplicate);
+
+        if !duplicate {
+            let mark_id = stored
+                .as_ref()
+                .filter(|_| !target.role.is_human())
+                .map(|s| s.id);
+            for c in self.conns_of(target_id) {
+                c.deliver(self, frame.clone_for(mark_id));
+            }
+        }
+        if me.role.is_human() {
+            // The echo: every connection of a human sender, unless it already got the frame
+            // as the target.
+            if target_id != me.id || duplicate {
+                for c in self.conns_of(me.id) {
+                    c.deliver(self, frame.clone_for(None));
+                }
+            }
+        } else if let (Some(s), Some(local_id)) = (&stored, &env.local_id) {
+            self.ack(from, local_id, s);
+        }
+        if env.kind == "CHAT" && !duplicate {
+            if let Some(s) = &stored {
+                self.monitor_butler_agent(me, &env, target_id, &target, s);
+            }
+        }
+        Ok(())
+    }
+
+    fn store_chat(
+        &self,
+        me: &Principal,
+        env: &Envelope,
+        target_id: i64,
+    ) -> Result<Stored, FrameError> {
+        let payload = env
+            .payload
+            .map(|p| p.get().to_string())
+            .unwrap_or_else(|| "null".into());
+        self.store
+            .insert_chat(NewChat {
+                sender_id: me.id,
+                receiver_id: target_id,
+                kind: env.kind.to_string(),
+                payload,
+                local_id: env.local_id.clone(),
+                stream_id: env.stream_id.clone(),
+                conversation_id: env.conversation_id,
+            })
+            .map_err(storage_failed)
+    }
+
+    fn ack(&self, to: &Arc<Conn>, local_id: &str, s: &Stored) {
+        let ack = wire::Ack {
+            kind: "ACK",
+            sender_id: wire::SERVER_ID,
+            sender_name: wire::SERVER_NAME,
+            sender_role: wire::SERVER_ROLE,
+            local_id,
+            id: s.id,
+            timestamp: &s.timestamp,
+        };
+        to.send_direct(
+            self,
+            "ACK",
+            serde_json::to_string(&ack).unwrap_or_default(),
+            None,
+        );
+    }
+
+    fn frame_from(
+        &self,
+        me: &Principal,
+        env: &Envelope,
+        id: Option<i64>,
+        timestamp: &str,
+    ) -> Shared {
+        let frame = Frame {
+            id,
+            kind: env.kind,
+            sender_id: me.id,
+            sender_name: &me.username,
+            sender_role: me.role.as_str(),
+            target_id: (env.target_id != 0).then_some(env.target_id),
+            payload: env.payload,
+            local_id: env.local_id.as_deref(),
+            stream_id: env.stream_id.as_deref(),
+            conversation_id: env.conversation_id,
+            timestamp,
+        };
+        Shared {
+            text: frame.to_json().into(),
+            kind: env.kind,
+        }
+    }
+
+    fn monitor_butler_agent(
+        &self,
+        me: &Principal,
+        env: &Envelope,
+        target_id: i64,
+        target: &Target,
+        s: &Stored,
+    ) {
+        let agent_id = match (me.role, target.role) {
+            (Role::Butler, Role::Agent) => target_id,
+            (Role::Agent, Role::Butler) => me.id,
+            _ => return,
+        };
+        let payload = wire::ButlerAgentPayload {
+            agent_id,
+            id: s.id,
+            kind: env.kind,
+            sender_id: me.id,
+            sender_name: &me.username,
+            sender_role: me.role.as_str(),
+            payload: env.payload,
+            timestamp: &s.timestamp,
+        };
+        let payload = RawValue::from_string(serde_json::to_string(&payload).unwrap_or_default())
+            .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"));
+        let now = clock::now_rfc3339();
+        let text: Utf8Bytes = Frame::server("BUTLER_AGENT_MESSAGE", Some(&payload), &now)
+            .to_json()
+            .into();
+        for c in self
+            .humans()
+            .into_iter()
+            .filter(|c| c.principal.role == Role::Admin)
+        {
+            c.deliver(
+                self,
+                Outbound {
+                    text: text.clone(),
+                    kind: "BUTLER_AGENT_MESSAGE",
+                    stored_id: None,
+                },
+            );
+        }
+    }
+
+    fn system_log(&self, from: &Arc<Conn>, env: Envelope) -> Result<(), FrameError> {
+        let (level, content) = parse_log_payload(env.payload)?;
+        let me = &from.principal;
+        let stored = self
+            .store
+            .insert_log(NewLog {
+                sender_id: Some(me.id),
+                agent_id: me.username.clone(),
+                level: level.clone(),
+                content: content.clone(),
+                local_id: env.local_id.clone(),
+            })
+            .map_err(storage_failed)?;
+        if stored.duplicate {
+            if me.role.is_human() {
+                let text = self.log_frame(
+                    me.id,
+                    &me.username,
+                    me.role.as_str(),
+                    &stored,
+                    &level,
+                    &content,
+                    env.local_id.as_deref(),
+                );
+                for c in self.conns_of(me.id) {
+                    c.deliver(self, text.clone_for(None));
+                }
+            } else if let Some(local_id) = &env.local_id {
+                self.ack(from, local_id, &stored);
+            }
+            return Ok(());
+        }
+        self.broadcast_log(
+            me.id,
+            &me.username,
+            me.role.as_str(),
+            &stored,
+            &level,
+            &content,
+            env.local_id.as_deref(),
+        );
+        if let (false, Some(local_id)) = (me.role.is_human(), &env.local_id) {
+            self.ack(from, local_id, &stored);
+        }
+        Ok(())
+    }
+
+    /// Fans a stored dashboard log out to every human connection (never to machines).
+    #[allow(clippy::too_many_arguments)]
+    pub fn broadcast_log(
+        &self,
+        sender_id: i64,
+        agent_id: &str,
+        role: &str,
+        stored: &Stored,
+        level: &str,
+        content: &str,
+        local_id: Option<&str>,
+    ) {
+        let text = self.log_frame(sender_id, agent_id, role, stored, level, content, local_id);
+        for c in self.humans() {
+            c.deliver(self, text.clone_for(None));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn log_frame(
+        &self,
+        sender_id: i64,
+        agent_id: &str,
+        role: &str,
+        stored: &Stored,
+        level: &str,
+        content: &str,
+        local_id: Option<&str>,
+    ) -> Shared {
+        let payload = wire::LogPayload {
+            id: stored.id,
+            agent_id,
+            level,
+            content,
+            timestamp: &stored.timestamp,
+        };
+        let payload = RawValue::from_string(serde_json::to_string(&payload).unwrap_or_default())
+            .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"));
+        let frame = Frame {
+            id: Some(stored.id),
+            kind: "SYSTEM_LOG",
+            sender_id,
+            sender_name: agent_id,
+            sender_role: role,
+            target_id: None,
+            payload: Some(&payload),
+            local_id,
+            stream_id: None,
+            conversation_id: None,
+            timestamp: &stored.timestamp,
+        };
+        Shared {
+            text: frame.to_json().into(),
+            kind: "SYSTEM_LOG",
+        }
+    }
+
+    /// Delivers an AUTH_RESPONSE posted over REST to the Butler, stored like a WS frame.
+    pub fn post_auth_response(&self, me: &Principal, payload: &RawValue) -> Result<(), FrameError> {
+        let butler = self.butler_id()?;
+        let env = Envelope {
+            kind: "AUTH_RESPONSE",
+            target_id: butler,
+            payload: Some(payload),
+            local_id: None,
+            stream_id: None,
+            conversation_id: None,
+        };
+        let stored = self.store_chat(me, &env, butler)?;
+        let frame = self.frame_from(me, &env, Some(stored.id), &stored.timestamp);
+        for c in self.conns_of(butler) {
+            c.deliver(self, frame.clone_for(Some(stored.id)));
+        }
+        Ok(())
+    }
+
+    fn announce_presence(&self, who: &Principal, online: bool, now: &str) {
+        let payload = wire::PresencePayload {
+            user_id: who.id,
+            username: &who.username,
+            role: who.role.as_str(),
+            online,
+            last_seen_at: Some(now),
+        };
+        let payload =
+            match RawValue::from_string(serde_json::to_string(&payload).unwrap_or_default()) {
+                Ok(p) => p,
+                Err(_) => return,
+            };
+        let text: Utf8Bytes = Frame::server("PRESENCE", Some(&payload), now)
+            .to_json()
+            .into();
+        log_debug!(
+            "hub: {} {} is {}",
+            who.role.as_str(),
+            who.id,
+            if online { "online" } else { "offline" }
+        );
+        for c in self.humans() {
+            c.deliver(
+                self,
+                Outbound {
+                    text: text.clone(),
+                    kind: "PRESENCE",
+                    stored_id: None,
+                },
+            );
+        }
+    }
+}
+
+/// One serialized frame shared by all its recipients (the text is reference-counted).
+struct Shared {
+    text: Utf8Bytes,
+    kind: &'static str,
+}
+
+impl Shared {
+    fn clone_for(&self, stored_id: Option<i64>) -> Outbound {
+        Outbound {
+            text: self.text.clone(),
+            kind: self.kind,
+            stored_id,
+        }
+    }
+}
+
+fn storage_failed(e: store::StoreError) -> FrameError {
+    crate::log_error!("hub: storing a frame failed: {e}");
+    refuse(
+        "internal",
+        "storage failed; the frame was not stored, retry with the same local_id",
+    )
+}
+
+fn static_type(kind: &str) -> Option<&'static str> {
+    KNOWN_TYPES.iter().copied().find(|t| *t == kind)
+}
+
+/// Parses and validates an envelope; see SPEC section 4 for the field rules.
+fn parse_envelope(text: &str) -> Result<Envelope<'_>, FrameError> {
+    let raw: wire::RawEnvelope = serde_json::from_str(text).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => refuse(
+            "bad_envelope",
+            "a frame must be a JSON object with a string type",
+        ),
+        _ => refuse("bad_json", "the frame is not valid JSON"),
+    })?;
+    let kind = match &raw.kind {
+        Some(serde_json::Value::String(s)) => s.as_str(),
+        _ => return Err(refuse("bad_envelope", "type must be a string")),
+    };
+    if SERVER_ONLY_TYPES.contains(&kind) {
+        return Err(refuse(
+            "forbidden",
+            format!("{kind} frames are sent by the server only"),
+        ));
+    }
+    let kind = static_type(kind)
+        .ok_or_else(|| refuse("unknown_type", format!("unknown frame type {kind:?}")))?;
+    let target_id = match &raw.target_id {
+        None => 0,
+        Some(v) => v
+            .as_i64()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| refuse("bad_envelope", "target_id must be an integer >= 0"))?,
+    };
+    let short_string =
+        |v: &Option<serde_json::Value>, name: &str| -> Result<Option<String>, FrameError> {
+            match v {
+                None => Ok(None),
+                Some(serde_json::Value::String(s)) if s.len() <= 128 => Ok(Some(s.clone())),
+                Some(_) => Err(refuse(
+                    "bad_envelope",
+                    format!("{name} must be a string of at most 128 bytes"),
+                )),
+            }
+        };
+    let local_id = short_string(&raw.local_id, "local_id")?.filter(|s| !s.is_empty());
+    let stream_id = short_string(&raw.stream_id, "stream_id")?;
+    let conversation_id = match &raw.conversation_id {
+        None => None,
+        Some(v) => Some(
+            v.as_i64()
+                .ok_or_else(|| refuse("bad_envelope", "conversation_id must be an integer"))?,
+        ),
+    };
+    Ok(Envelope {
+        kind,
+        target_id,
+        payload: raw.payload,
+        local_id,
+        stream_id,
+        conversation_id,
+    })
+}
+
+/// `{level, content}` (level upper-cased, default INFO, 1–16 of A–Z and _) or a plain string.
+pub fn parse_log_payload(payload: Option<&RawValue>) -> Result<(String, String), FrameError> {
+    #[derive(serde::Deserialize)]
+    struct LogBody {
+        #[serde(default)]
+        level: Option<String>,
+        content: String,
+    }
+    let bad = || {
+        refuse(
+            "bad_envelope",
+            "SYSTEM_LOG payload must be {level, content} or a string",
+        )
+    };
+    let payload = payload.ok_or_else(bad)?;
+    if let Ok(content) = serde_json::from_str::<String>(payload.get()) {
+        return Ok(("INFO".into(), content));
+    }
+    let body: LogBody = serde_json::from_str(payload.get()).map_err(|_| bad())?;
+    let level = normalize_level(body.level.as_deref())
+        .ok_or_else(|| refuse("bad_envelope", "level must be 1-16 characters of A-Z and _"))?;
+    Ok((level, body.content))
+}
+
+pub fn normalize_level(level: Option<&str>) -> Option<String> {
+    let level = level
+        .map(str::to_ascii_uppercase)
+        .unwrap_or_else(|| "INFO".into());
+    let ok = (1..=16).contains(&level.len())
+        && level.bytes().all(|b| b.is_ascii_uppercase() || b == b'_');
+    ok.then_some(level)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_errors_are_classified() {
+        let code = |t: &str| parse_envelope(t).err().map(|e| e.code);
+        assert_eq!(code("{nope"), Some("bad_json"));
+        assert_eq!(code("[1,2]"), Some("bad_envelope"));
+        assert_eq!(code("{}"), Some("bad_envelope"));
+        assert_eq!(code(r#"{"type":5}"#), Some("bad_envelope"));
+        assert_eq!(
+            code(r#"{"type":"CHAT","target_id":"7"}"#),
+            Some("bad_envelope")
+        );
+        assert_eq!(
+            code(r#"{"type":"CHAT","target_id":-1}"#),
+            Some("bad_envelope")
+        );
+        assert_eq!(code(r#"{"type":"NOPE"}"#), Some("unknown_type"));
+        assert_eq!(code(r#"{"type":"ACK"}"#), Some("forbidden"));
+        let long = "x".repeat(129);
+        assert_eq!(
+            code(&format!(r#"{{"type":"CHAT","local_id":"{long}"}}"#)),
+            Some("bad_envelope")
+        );
+        assert_eq!(
+            code(r#"{"type":"CHAT","target_id":null,"id":99,"sender_id":"x"}"#),
+            None
+        );
+    }
+
+    #[test]
+    fn log_payloads() {
+        let p = |s: &str| parse_log_payload(Some(&RawValue::from_string(s.into()).unwrap()));
+        assert_eq!(p(r#""hello""#).unwrap(), ("INFO".into(), "hello".into()));
+        assert_eq!(
+            p(r#"{"level":"warning","content":"x"}"#).unwrap(),
+            ("WARNING".into(), "x".into())
+        );
+        assert_eq!(p(r#"{"content":"x"}"#).unwrap().0, "INFO");
+        assert!(p(r#"{"level":"bad level","content":"x"}"#).is_err());
+        assert!(p(r#"{"level":"INFO"}"#).is_err());
+        assert!(p("42").is_err());
+        assert!(parse_log_payload(None).is_err());
+    }
+}

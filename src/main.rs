@@ -1,0 +1,26 @@
+//! EchoCenter: a self-hosted hub for machine agents. See README.md and ARCHITECTURE.md.
+
+mod auth;
+mod cli;
+mod clock;
+mod config;
+mod dashboard;
+mod http;
+mod hub;
+mod logging;
+mod metrics;
+mod server;
+mod store;
+mod wire;
+mod ws;
+
+fn main() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if let Err(e) = cli::run(args) {
+        eprintln!("echocenter: {e}");
+        std::process::exit(match e {
+            cli::CliError::Usage(_) => 2,
+            _ => 1,
+        });
+    }
+}

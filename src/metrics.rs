@@ -1,0 +1,187 @@
+//! Counters for `GET /metrics` (Prometheus text format). Plain atomics: counting must never
+//! slow down or block the path it counts.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use crate::auth::Role;
+
+/// Frame types counted in and out; anything else is counted as `other`.
+pub const FRAME_TYPES: &[&str] = &[
+    "SYSTEM_LOG",
+    "CHAT",
+    "CHAT_STREAM",
+    "CHAT_STREAM_END",
+    "AUTH_REQUEST",
+    "AUTH_RESPONSE",
+    "AUTH_STATUS_UPDATE",
+    "ACK",
+    "ERROR",
+    "PRESENCE",
+    "BUTLER_AGENT_MESSAGE",
+    "other",
+];
+
+pub const ERROR_CODES: &[&str] = &[
+    "bad_json",
+    "bad_envelope",
+    "unknown_type",
+    "forbidden",
+    "target_required",
+    "target_not_found",
+    "rate_limited",
+    "internal",
+];
+
+/// Limits that refuse or close something, by name.
+pub const LIMITS: &[&str] = &[
+    "max_connections",
+    "max_connections_per_ip",
+    "user_connections",
+    "head_too_large",
+    "head_timeout",
+    "body_too_large",
+    "message_too_large",
+    "login_rate_limited",
+    "frame_rate_limited",
+    "consecutive_errors",
+    "ping_timeout",
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    pub connections: [AtomicI64; 4],
+    pub frames_in: [AtomicU64; 12],
+    pub frames_out: [AtomicU64; 12],
+    pub errors: [AtomicU64; 8],
+    pub limits: [AtomicU64; 11],
+    pub slow_consumer_closes: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub accept_errors: AtomicU64,
+    pub http_requests: AtomicU64,
+}
+
+fn role_index(role: Role) -> usize {
+    match role {
+        Role::Admin => 0,
+        Role::Member => 1,
+        Role::Agent => 2,
+        Role::Butler => 3,
+    }
+}
+
+fn type_index(kind: &str) -> usize {
+    FRAME_TYPES
+        .iter()
+        .position(|t| *t == kind)
+        .unwrap_or(FRAME_TYPES.len() - 1)
+}
+
+impl Metrics {
+    pub fn connection_opened(&self, role: Role) {
+        self.connections[role_index(role)].fetch_add(1, Relaxed);
+    }
+    pub fn connection_closed(&self, role: Role) {
+        self.connections[role_index(role)].fetch_sub(1, Relaxed);
+    }
+    pub fn frame_in(&self, kind: &str) {
+        self.frames_in[type_index(kind)].fetch_add(1, Relaxed);
+    }
+    pub fn frame_out(&self, kind: &str) {
+        self.frames_out[type_index(kind)].fetch_add(1, Relaxed);
+    }
+    pub fn error(&self, code: &str) {
+        if let Some(i) = ERROR_CODES.iter().position(|c| *c == code) {
+            self.errors[i].fetch_add(1, Relaxed);
+        }
+    }
+    pub fn limit(&self, name: &str) {
+        if let Some(i) = LIMITS.iter().position(|c| *c == name) {
+            self.limits[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn render(&self, store: &crate::store::Store) -> String {
+        let mut s = String::new();
+        let roles = ["ADMIN", "MEMBER", "AGENT", "BUTLER"];
+        s.push_str("# TYPE echocenter_connections gauge\n");
+        for (i, r) in roles.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "echocenter_connections{{role=\"{r}\"}} {}",
+                self.connections[i].load(Relaxed)
+            );
+        }
+        s.push_str("# TYPE echocenter_frames_in_total counter\n");
+        for (i, t) in FRAME_TYPES.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "echocenter_frames_in_total{{type=\"{t}\"}} {}",
+                self.frames_in[i].load(Relaxed)
+            );
+        }
+        s.push_str("# TYPE echocenter_frames_out_total counter\n");
+        for (i, t) in FRAME_TYPES.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "echocenter_frames_out_total{{type=\"{t}\"}} {}",
+                self.frames_out[i].load(Relaxed)
+            );
+        }
+        s.push_str("# TYPE echocenter_error_frames_total counter\n");
+        for (i, c) in ERROR_CODES.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "echocenter_error_frames_total{{code=\"{c}\"}} {}",
+                self.errors[i].load(Relaxed)
+            );
+        }
+        s.push_str("# TYPE echocenter_limit_trips_total counter\n");
+        for (i, c) in LIMITS.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "echocenter_limit_trips_total{{limit=\"{c}\"}} {}",
+                self.limits[i].load(Relaxed)
+            );
+        }
+        let simple = [
+            (
+                "echocenter_slow_consumer_closes_total",
+                &self.slow_consumer_closes,
+            ),
+            ("echocenter_auth_failures_total", &self.auth_failures),
+            ("echocenter_accept_errors_total", &self.accept_errors),
+            ("echocenter_http_requests_total", &self.http_requests),
+        ];
+        for (name, v) in simple {
+            let _ = writeln!(s, "# TYPE {name} counter\n{name} {}", v.load(Relaxed));
+        }
+        let st = store.stats();
+        let commits = st.commits.load(Relaxed);
+        let rows = st.rows.load(Relaxed);
+        let _ = writeln!(s, "# TYPE echocenter_stored_rows_total counter");
+        let _ = writeln!(s, "echocenter_stored_rows_total {rows}");
+        let _ = writeln!(s, "# TYPE echocenter_db_commits_total counter");
+        let _ = writeln!(s, "echocenter_db_commits_total {commits}");
+        let _ = writeln!(s, "# TYPE echocenter_db_failed_commits_total counter");
+        let _ = writeln!(
+            s,
+            "echocenter_db_failed_commits_total {}",
+            st.failed_commits.load(Relaxed)
+        );
+        let _ = writeln!(s, "# TYPE echocenter_db_commit_seconds_total counter");
+        let _ = writeln!(
+            s,
+            "echocenter_db_commit_seconds_total {:.6}",
+            st.commit_micros_total.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(s, "# TYPE echocenter_db_batch_size_avg gauge");
+        let avg = if commits == 0 {
+            0.0
+        } else {
+            rows as f64 / commits as f64
+        };
+        let _ = writeln!(s, "echocenter_db_batch_size_avg {avg:.2}");
+        s
+    }
+}

@@ -1,0 +1,930 @@
+//! The store: every SQL statement of the server lives here (and the schema in `sql/`).
+//!
+//! Two SQLite connections to one WAL database:
+//! - `conn`, behind a mutex, for REST reads and the rare administrative writes;
+//! - a dedicated writer thread that owns a second connection and commits the hot-path inserts
+//!   (chat frames, dashboard logs, delivery marks) in batches: one commit, one fsync, for
+//!   everything that queued up while the previous commit was running (group commit).
+//!
+//! A caller of `insert_chat`/`insert_log` blocks until its row is committed and so gets the
+//! row's `id` before routing: an `id` a client has seen is always in the database.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde_json::value::RawValue;
+
+use crate::auth::Role;
+use crate::clock;
+use crate::config::Sync;
+
+/// Numbered migrations, applied in order, each in its own transaction, recorded by name.
+const MIGRATIONS: &[(&str, &str)] = &[("001_initial", include_str!("../sql/001_initial.sql"))];
+
+/// Most rows one group commit takes; bounds the latency a batch adds to its last member.
+const MAX_BATCH: usize = 512;
+
+#[derive(Debug)]
+pub enum StoreError {
+    /// A uniqueness rule was broken; the text is the client-facing reason.
+    Conflict(&'static str),
+    NotFound,
+    Db(rusqlite::Error),
+    /// The writer thread is gone (only during shutdown).
+    Closed,
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Conflict(why) => write!(f, "conflict: {why}"),
+            StoreError::NotFound => write!(f, "not found"),
+            StoreError::Db(e) => write!(f, "database error: {e}"),
+            StoreError::Closed => write!(f, "store is shut down"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Db(e)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+#[derive(Clone, Debug)]
+pub struct UserRow {
+    pub id: i64,
+    pub username: String,
+    pub role: Role,
+    pub agent_kind: String,
+    pub runtime_kind: String,
+    pub description: String,
+    pub created_at: String,
+    pub deleted: bool,
+    pub last_seen_at: Option<String>,
+    pub token_hint: Option<String>,
+    pub token_updated_at: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct NewMachine<'a> {
+    pub username: &'a str,
+    pub role: Role,
+    pub token: &'a str,
+    pub agent_kind: &'a str,
+    pub runtime_kind: &'a str,
+    pub description: &'a str,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogRow {
+    pub id: i64,
+    pub agent_id: String,
+    pub level: String,
+    pub content: String,
+    pub timestamp: String,
+}
+
+#[derive(Debug, Default)]
+pub struct LogQuery {
+    pub offset: i64,
+    pub limit: i64,
+    pub agent_id: Option<String>,
+    pub level: Option<String>,
+    pub q: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct ChatRow {
+    pub id: i64,
+    pub local_id: Option<String>,
+    pub sender_id: i64,
+    pub receiver_id: i64,
+    pub kind: String,
+    pub payload: Box<RawValue>,
+    pub stream_id: Option<String>,
+    pub conversation_id: Option<i64>,
+    pub timestamp: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewChat {
+    pub sender_id: i64,
+    pub receiver_id: i64,
+    pub kind: String,
+    /// The payload as JSON text, stored exactly as sent.
+    pub payload: String,
+    pub local_id: Option<String>,
+    pub stream_id: Option<String>,
+    pub conversation_id: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewLog {
+    pub sender_id: Option<i64>,
+    pub agent_id: String,
+    pub level: String,
+    pub content: String,
+    pub local_id: Option<String>,
+}
+
+/// What a hot-path insert returns: the row's identity, and whether it was already there
+/// (a repeated `local_id`), in which case nothing new was stored.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub id: i64,
+    pub timestamp: String,
+    pub duplicate: bool,
+}
+
+enum Job {
+    Chat(NewChat, Sender<Result<Stored>>),
+    Log(NewLog, Sender<Result<Stored>>),
+    Mark(i64, i64),
+    LastSeen(i64, String),
+    Barrier(Sender<()>),
+}
+
+/// Counters the writer keeps for `/metrics`.
+#[derive(Default)]
+pub struct WriterStats {
+    pub commits: std::sync::atomic::AtomicU64,
+    pub rows: std::sync::atomic::AtomicU64,
+    pub commit_micros_total: std::sync::atomic::AtomicU64,
+    pub failed_commits: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Mutex<Connection>,
+    jobs: Sender<Job>,
+    path: PathBuf,
+    stats: Arc<WriterStats>,
+}
+
+impl Store {
+    /// Opens (creating if needed, mode 0600) and migrates the database, then starts the writer.
+    pub fn open(path: &Path, sync: Sync) -> Result<Store> {
+        prepare_file(path).map_err(|e| {
+            StoreError::Db(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some(format!("{}: {e}", path.display())),
+            ))
+        })?;
+        let mut conn = open_connection(path, sync)?;
+        migrate(&mut conn)?;
+        let writer_conn = open_connection(path, sync)?;
+        let (jobs, rx) = unbounded();
+        let stats = Arc::new(WriterStats::default());
+        let writer_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || run_writer(writer_conn, rx, writer_stats))
+            .map_err(|e| StoreError::Db(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                conn: Mutex::new(conn),
+                jobs,
+                path: path.to_path_buf(),
+                stats,
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub fn stats(&self) -> &WriterStats {
+        &self.inner.stats
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves the connection itself usable.
+        self.inner.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // ----- settings and bootstrap -------------------------------------------------------
+
+    pub fn setting(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    pub fn user_count(&self) -> Result<i64> {
+        Ok(self
+            .conn()
+            .query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?)
+    }
+
+    /// Creates the admin (id 1) and the Butler (id 2) on an empty database, in one transaction.
+    /// Returns false (and changes nothing) when users already exist.
+    pub fn bootstrap(
+        &self,
+        admin: &str,
+        password_hash: &str,
+        butler_token: &str,
+        keep_raw: bool,
+    ) -> Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let count: i64 = tx.query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?;
+        if count > 0 {
+            return Ok(false);
+        }
+        let now = clock::now_rfc3339();
+        insert_human(&tx, admin, Role::Admin, password_hash, &now)?;
+        insert_machine(
+            &tx,
+            &NewMachine {
+                username: "Butler",
+                role: Role::Butler,
+                token: butler_token,
+                agent_kind: "butler",
+                runtime_kind: "websocket",
+                description: "The Butler: instructs agents on behalf of humans",
+            },
+            keep_raw,
+            &now,
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Production keeps no raw tokens: clears every stored copy.
+    pub fn clear_raw_tokens(&self) -> Result<usize> {
+        Ok(self.conn().execute(
+            "UPDATE machine_credentials SET api_token = NULL WHERE api_token IS NOT NULL",
+            [],
+        )?)
+    }
+
+    /// Wipes all data (for `/api/dev/mock/reset`); ids start again at 1. Pending hot-path
+    /// writes are committed first so none lands after the wipe.
+    pub fn wipe(&self) -> Result<()> {
+        self.flush();
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(
+            "DELETE FROM chat_messages;
+             DELETE FROM messages;
+             DELETE FROM human_credentials;
+             DELETE FROM machine_credentials;
+             DELETE FROM users;
+             DELETE FROM sqlite_sequence WHERE name IN ('users', 'messages', 'chat_messages');",
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    // ----- users ------------------------------------------------------------------------
+
+    pub fn create_human(&self, username: &str, role: Role, password_hash: &str) -> Result<UserRow> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let id = insert_human(&tx, username, role, password_hash, &clock::now_rfc3339())?;
+        tx.commit()?;
+        user_by_id(&conn, id)?.ok_or(StoreError::NotFound)
+    }
+
+    pub fn create_machine(&self, m: &NewMachine, keep_raw: bool) -> Result<UserRow> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let id = insert_machine(&tx, m, keep_raw, &clock::now_rfc3339())?;
+        tx.commit()?;
+        user_by_id(&conn, id)?.ok_or(StoreError::NotFound)
+    }
+
+    pub fn user_by_id(&self, id: i64) -> Result<Option<UserRow>> {
+        user_by_id(&self.conn(), id)
+    }
+
+    pub fn user_by_name(&self, username: &str) -> Result<Option<UserRow>> {
+        let conn = self.conn();
+        let id: Option<i64> = conn
+            .query_row(
+                "SELECT id FROM users WHERE username = ?1",
+                [username],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match id {
+            Some(id) => user_by_id(&conn, id),
+            None => Ok(None),
+        }
+    }
+
+    /// The password hash of a live human, for login.
+    pub fn password_hash(&self, username: &str) -> Result<Option<(i64, String)>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT u.id, h.password_hash FROM users u JOIN human_credentials h ON h.user_id = u.id
+                 WHERE u.username = ?1 AND u.deleted_at IS NULL",
+                [username],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// The live AGENT or BUTLER whose token hashes to `sha256`.
+    pub fn machine_by_token_hash(&self, sha256: &str) -> Result<Option<UserRow>> {
+        let conn = self.conn();
+        let id: Option<i64> = conn
+            .query_row(
+                "SELECT u.id FROM machine_credentials m JOIN users u ON u.id = m.user_id
+                 WHERE m.token_sha256 = ?1 AND u.deleted_at IS NULL AND u.role IN ('AGENT', 'BUTLER')",
+                [sha256],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match id {
+            Some(id) => user_by_id(&conn, id),
+            None => Ok(None),
+        }
+    }
+
+    /// The current token hash of a machine user (None when it has no credential any more).
+    pub fn token_hash_of(&self, user_id: i64) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT token_sha256 FROM machine_credentials WHERE user_id = ?1",
+                [user_id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// The raw token kept outside production (None when there is no copy).
+    pub fn raw_token(&self, user_id: i64) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT api_token FROM machine_credentials WHERE user_id = ?1",
+                [user_id],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
+    /// Live AGENT and BUTLER users, ordered by id.
+    pub fn machines(&self) -> Result<Vec<UserRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{USER_SELECT} WHERE u.role IN ('AGENT', 'BUTLER') AND u.deleted_at IS NULL ORDER BY u.id"
+        ))?;
+        let rows = stmt.query_map([], user_from_row)?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// The latest SYSTEM_LOG content of each named agent (absent when it never reported).
+    pub fn last_reports(&self, usernames: &[&str]) -> Result<HashMap<String, String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT content FROM messages WHERE agent_id = ?1 ORDER BY id DESC LIMIT 1",
+        )?;
+        let mut out = HashMap::new();
+        for name in usernames {
+            if let Some(content) = stmt
+                .query_row([name], |r| r.get::<_, String>(0))
+                .optional()?
+            {
+                out.insert((*name).to_string(), content);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn rotate_token(&self, user_id: i64, token: &str, keep_raw: bool) -> Result<()> {
+        let now = clock::now_rfc3339();
+        let hash = crate::auth::token_sha256(token);
+        let res = self.conn().execute(
+            "INSERT INTO machine_credentials (user_id, token_sha256, token_hint, api_token, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+             ON CONFLICT (user_id) DO UPDATE SET token_sha256 = excluded.token_sha256,
+                 token_hint = excluded.token_hint, api_token = excluded.api_token, updated_at = excluded.updated_at",
+            params![user_id, hash, crate::auth::token_hint(token), keep_raw.then_some(token), now],
+        );
+        map_unique(res, "api_token already in use")?;
+        Ok(())
+    }
+
+    /// Marks an agent deleted and drops its credential; its history stays.
+    pub fn delete_agent(&self, user_id: i64) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "DELETE FROM machine_credentials WHERE user_id = ?1",
+            [user_id],
+        )?;
+        let n = tx.execute(
+            "UPDATE users SET deleted_at = ?2 WHERE id = ?1 AND deleted_at IS NULL",
+            params![user_id, clock::now_rfc3339()],
+        )?;
+        tx.commit()?;
+        if n == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    pub fn delivered_mark(&self, user_id: i64) -> Result<i64> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT delivered_mark FROM users WHERE id = ?1",
+                [user_id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0))
+    }
+
+    // ----- dashboard logs ---------------------------------------------------------------
+
+    pub fn logs(&self, q: &LogQuery) -> Result<Vec<LogRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, agent_id, level, content, timestamp FROM messages
+             WHERE (?1 IS NULL OR agent_id = ?1)
+               AND (?2 IS NULL OR level = ?2)
+               AND (?3 IS NULL OR content LIKE ?3 ESCAPE '\\')
+             ORDER BY id DESC LIMIT ?4 OFFSET ?5",
+        )?;
+        let pattern = q.q.as_deref().map(|s| format!("%{}%", escape_like(s)));
+        let rows = stmt.query_map(
+            params![q.agent_id, q.level, pattern, q.limit, q.offset],
+            |r| {
+                Ok(LogRow {
+                    id: r.get(0)?,
+                    agent_id: r.get(1)?,
+                    level: r.get(2)?,
+                    content: r.get(3)?,
+                    timestamp: r.get(4)?,
+                })
+            },
+        )?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    // ----- chat -------------------------------------------------------------------------
+
+    /// Both directions between `a` and `b`: the newest `limit` rows below `before_id`,
+    /// returned oldest first.
+    pub fn chat_history(
+        &self,
+        a: i64,
+        b: i64,
+        limit: i64,
+        before_id: Option<i64>,
+    ) -> Result<Vec<ChatRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{CHAT_SELECT} WHERE ((sender_id = ?1 AND receiver_id = ?2) OR (sender_id = ?2 AND receiver_id = ?1))
+               AND (?3 IS NULL OR id < ?3)
+             ORDER BY id DESC LIMIT ?4"
+        ))?;
+        let rows = stmt.query_map(params![a, b, before_id, limit], chat_from_row)?;
+        let mut out: Vec<ChatRow> = rows.collect::<std::result::Result<_, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Stored CHAT/AUTH_* frames addressed to `user_id` above `mark`, newest `limit` not older
+    /// than `since`, in id order: what store-and-forward replays on connect.
+    pub fn undelivered(
+        &self,
+        user_id: i64,
+        mark: i64,
+        since: &str,
+        limit: i64,
+    ) -> Result<Vec<ChatRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{CHAT_SELECT} WHERE receiver_id = ?1 AND id > ?2 AND timestamp >= ?3
+               AND type IN ('CHAT', 'AUTH_REQUEST', 'AUTH_RESPONSE')
+             ORDER BY id DESC LIMIT ?4"
+        ))?;
+        let rows = stmt.query_map(params![user_id, mark, since, limit], chat_from_row)?;
+        let mut out: Vec<ChatRow> = rows.collect::<std::result::Result<_, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    // ----- hot path: group-committed writes ---------------------------------------------
+
+    pub fn insert_chat(&self, chat: NewChat) -> Result<Stored> {
+        let (tx, rx) = bounded(1);
+        self.inner
+            .jobs
+            .send(Job::Chat(chat, tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.recv().map_err(|_| StoreError::Closed)?
+    }
+
+    pub fn insert_log(&self, log: NewLog) -> Result<Stored> {
+        let (tx, rx) = bounded(1);
+        self.inner
+            .jobs
+            .send(Job::Log(log, tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Records (asynchronously) that frames up to `id` reached one of `user_id`'s connections.
+    pub fn mark_delivered(&self, user_id: i64, id: i64) {
+        let _ = self.inner.jobs.send(Job::Mark(user_id, id));
+    }
+
+    /// Records (asynchronously) when a machine user was last seen.
+    pub fn set_last_seen(&self, user_id: i64, at: String) {
+        let _ = self.inner.jobs.send(Job::LastSeen(user_id, at));
+    }
+
+    /// Waits until every write queued before this call is committed.
+    pub fn flush(&self) {
+        let (tx, rx) = bounded(1);
+        if self.inner.jobs.send(Job::Barrier(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+}
+
+const USER_SELECT: &str =
+    "SELECT u.id, u.username, u.role, u.agent_kind, u.runtime_kind, u.description,
+        u.created_at, u.deleted_at IS NOT NULL, u.last_seen_at, m.token_hint, m.updated_at
+     FROM users u LEFT JOIN machine_credentials m ON m.user_id = u.id";
+
+const CHAT_SELECT: &str = "SELECT id, local_id, sender_id, receiver_id, type, content, stream_id,
+        conversation_id, timestamp FROM chat_messages";
+
+fn user_from_row(r: &rusqlite::Row) -> rusqlite::Result<UserRow> {
+    let role: String = r.get(2)?;
+    Ok(UserRow {
+        id: r.get(0)?,
+        username: r.get(1)?,
+        // The CHECK constraint on users.role admits only the four roles.
+        role: Role::parse(&role).unwrap_or(Role::Member),
+        agent_kind: r.get(3)?,
+        runtime_kind: r.get(4)?,
+        description: r.get(5)?,
+        created_at: r.get(6)?,
+        deleted: r.get(7)?,
+        last_seen_at: r.get(8)?,
+        token_hint: r.get(9)?,
+        token_updated_at: r.get(10)?,
+    })
+}
+
+fn chat_from_row(r: &rusqlite::Row) -> rusqlite::Result<ChatRow> {
+    let content: String = r.get(5)?;
+    // Rows are written as JSON text by this store; anything else (hand edits) reads as a string.
+    let payload = RawValue::from_string(content.clone())
+        .or_else(|_| RawValue::from_string(serde_json::to_string(&content).unwrap_or_default()))
+        .map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, Box::new(e))
+        })?;
+    Ok(ChatRow {
+        id: r.get(0)?,
+        local_id: r.get(1)?,
+        sender_id: r.get(2)?,
+        receiver_id: r.get(3)?,
+        kind: r.get(4)?,
+        payload,
+        stream_id: r.get(6)?,
+        conversation_id: r.get(7)?,
+        timestamp: r.get(8)?,
+    })
+}
+
+fn user_by_id(conn: &Connection, id: i64) -> Result<Option<UserRow>> {
+    let mut stmt = conn.prepare_cached(&format!("{USER_SELECT} WHERE u.id = ?1"))?;
+    Ok(stmt.query_row([id], user_from_row).optional()?)
+}
+
+fn insert_human(
+    conn: &Connection,
+    username: &str,
+    role: Role,
+    password_hash: &str,
+    now: &str,
+) -> Result<i64> {
+    let res = conn.execute(
+        "INSERT INTO users (username, role, actor_type, created_at) VALUES (?1, ?2, 'HUMAN', ?3)",
+        params![username, role.as_str(), now],
+    );
+    map_unique(res, "username already exists")?;
+    let id = conn.last_insert_rowid();
+    conn.execute(
+        "INSERT INTO human_credentials (user_id, password_hash, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)",
+        params![id, password_hash, now],
+    )?;
+    Ok(id)
+}
+
+fn insert_machine(conn: &Connection, m: &NewMachine, keep_raw: bool, now: &str) -> Result<i64> {
+    let res = conn.execute(
+        "INSERT INTO users (username, role, actor_type, agent_kind, runtime_kind, description, created_at)
+         VALUES (?1, ?2, 'SYSTEM', ?3, ?4, ?5, ?6)",
+        params![m.username, m.role.as_str(), m.agent_kind, m.runtime_kind, m.description, now],
+    );
+    map_unique(res, "username already exists")?;
+    let id = conn.last_insert_rowid();
+    let res = conn.execute(
+        "INSERT INTO machine_credentials (user_id, token_sha256, token_hint, api_token, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+        params![
+            id,
+            crate::auth::token_sha256(m.token),
+            crate::auth::token_hint(m.token),
+            keep_raw.then_some(m.token),
+            now
+        ],
+    );
+    map_unique(res, "api_token already in use")?;
+    Ok(id)
+}
+
+fn map_unique(res: rusqlite::Result<usize>, why: &'static str) -> Result<usize> {
+    match res {
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+        {
+            Err(StoreError::Conflict(why))
+        }
+        other => Ok(other?),
+    }
+}
+
+fn escape_like(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn prepare_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent)?;
+    }
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    // Also tighten a file that existed before us.
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+}
+
+fn open_connection(path: &Path, sync: Sync) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match sync {
+            Sync::Full => "FULL",
+            Sync::Normal => "NORMAL",
+        },
+    )?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)",
+    )?;
+    for (name, sql) in MIGRATIONS {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let done: bool = tx.query_row(
+            "SELECT COUNT(*) > 0 FROM migrations WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )?;
+        if !done {
+            tx.execute_batch(sql)?;
+            tx.execute(
+                "INSERT INTO migrations (name, applied_at) VALUES (?1, ?2)",
+                params![name, clock::now_rfc3339()],
+            )?;
+        }
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+// ----- the writer thread ----------------------------------------------------------------
+
+fn run_writer(mut conn: Connection, rx: Receiver<Job>, stats: Arc<WriterStats>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        let (results, committed) = write_batch(&mut conn, &batch);
+        if committed {
+            stats.commits.fetch_add(1, Relaxed);
+            stats.rows.fetch_add(
+                results
+                    .iter()
+                    .filter(|r| matches!(r, Some(Ok(s)) if !s.duplicate))
+                    .count() as u64,
+                Relaxed,
+            );
+            stats
+                .commit_micros_total
+                .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+        } else {
+            stats.failed_commits.fetch_add(1, Relaxed);
+        }
+        for (job, result) in batch.into_iter().zip(results) {
+            let result = if committed {
+                result
+            } else {
+                Some(Err(StoreError::Db(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                    Some("commit failed".into()),
+                ))))
+            };
+            match (job, result) {
+                (Job::Chat(_, reply), Some(r)) | (Job::Log(_, reply), Some(r)) => {
+                    let _ = reply.send(r);
+                }
+                (Job::Barrier(done), _) => {
+                    let _ = done.send(());
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs one batch in one transaction. A failing row fails alone (SQLite rolls back only that
+/// statement); a failing commit fails the batch, and every caller is told so.
+fn write_batch(conn: &mut Connection, batch: &[Job]) -> (Vec<Option<Result<Stored>>>, bool) {
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            crate::log_error!("store: cannot begin a write transaction: {e}");
+            return (batch.iter().map(|_| None).collect(), false);
+        }
+    };
+    let mut results = Vec::with_capacity(batch.len());
+    let mut marks: HashMap<i64, i64> = HashMap::new();
+    for job in batch {
+        let r = match job {
+            Job::Chat(c, _) => Some(write_chat(&tx, c)),
+            Job::Log(l, _) => Some(write_log(&tx, l)),
+            Job::Mark(user, id) => {
+                let e = marks.entry(*user).or_insert(0);
+                *e = (*e).max(*id);
+                None
+            }
+            Job::LastSeen(user, at) => {
+                if let Err(e) = tx.execute(
+                    "UPDATE users SET last_seen_at = ?2 WHERE id = ?1",
+                    params![user, at],
+                ) {
+                    crate::log_warn!("store: cannot record last_seen_at: {e}");
+                }
+                None
+            }
+            Job::Barrier(_) => None,
+        };
+        results.push(r);
+    }
+    for (user, id) in marks {
+        if let Err(e) = tx.execute(
+            "UPDATE users SET delivered_mark = MAX(delivered_mark, ?2) WHERE id = ?1",
+            params![user, id],
+        ) {
+            crate::log_warn!("store: cannot record a delivery mark: {e}");
+        }
+    }
+    match tx.commit() {
+        Ok(()) => (results, true),
+        Err(e) => {
+            crate::log_error!(
+                "store: commit failed, {} writes not stored: {e}",
+                batch.len()
+            );
+            (results, false)
+        }
+    }
+}
+
+fn write_chat(tx: &rusqlite::Transaction, c: &NewChat) -> Result<Stored> {
+    if let Some(local_id) = &c.local_id {
+        let mut stmt = tx.prepare_cached(
+            "SELECT id, timestamp FROM chat_messages WHERE sender_id = ?1 AND local_id = ?2",
+        )?;
+        if let Some((id, timestamp)) = stmt
+            .query_row(params![c.sender_id, local_id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?
+        {
+            return Ok(Stored {
+                id,
+                timestamp,
+                duplicate: true,
+            });
+        }
+    }
+    let timestamp = clock::now_rfc3339();
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO chat_messages (local_id, sender_id, receiver_id, type, content, stream_id, conversation_id, timestamp)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    stmt.execute(params![
+        c.local_id,
+        c.sender_id,
+        c.receiver_id,
+        c.kind,
+        c.payload,
+        c.stream_id,
+        c.conversation_id,
+        timestamp
+    ])?;
+    Ok(Stored {
+        id: tx.last_insert_rowid(),
+        timestamp,
+        duplicate: false,
+    })
+}
+
+fn write_log(tx: &rusqlite::Transaction, l: &NewLog) -> Result<Stored> {
+    if let (Some(local_id), Some(sender)) = (&l.local_id, l.sender_id) {
+        let mut stmt = tx.prepare_cached(
+            "SELECT id, timestamp FROM messages WHERE sender_id = ?1 AND local_id = ?2",
+        )?;
+        if let Some((id, timestamp)) = stmt
+            .query_row(params![sender, local_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?
+        {
+            return Ok(Stored {
+                id,
+                timestamp,
+                duplicate: true,
+            });
+        }
+    }
+    let timestamp = clock::now_rfc3339();
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO messages (agent_id, level, content, timestamp, sender_id, local_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    stmt.execute(params![
+        l.agent_id,
+        l.level,
+        l.content,
+        timestamp,
+        l.sender_id,
+        l.local_id
+    ])?;
+    Ok(Stored {
+        id: tx.last_insert_rowid(),
+        timestamp,
+        duplicate: false,
+    })
+}

@@ -1,0 +1,285 @@
+//! Wire types: the only place JSON field names are spelled, for WebSocket frames and REST
+//! bodies alike.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+/// Server-originated frames (ACK, ERROR, PRESENCE, BUTLER_AGENT_MESSAGE) speak as this sender.
+pub const SERVER_ID: i64 = 0;
+pub const SERVER_NAME: &str = "echocenter";
+pub const SERVER_ROLE: &str = "SERVER";
+
+/// An inbound frame as the client sent it, before validation. Fields the server sets
+/// (`id`, `sender_*`, `timestamp`) are not read at all, so client values are ignored.
+#[derive(Deserialize)]
+pub struct RawEnvelope<'a> {
+    #[serde(rename = "type", default)]
+    pub kind: Option<Value>,
+    #[serde(default)]
+    pub target_id: Option<Value>,
+    #[serde(default, borrow)]
+    pub payload: Option<&'a RawValue>,
+    #[serde(default)]
+    pub local_id: Option<Value>,
+    #[serde(default)]
+    pub stream_id: Option<Value>,
+    #[serde(default)]
+    pub conversation_id: Option<Value>,
+}
+
+/// A frame the server sends. Absent fields are omitted.
+#[derive(Serialize)]
+pub struct Frame<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<i64>,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub sender_id: i64,
+    pub sender_name: &'a str,
+    pub sender_role: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conversation_id: Option<i64>,
+    pub timestamp: &'a str,
+}
+
+impl<'a> Frame<'a> {
+    /// A frame spoken by the server itself.
+    pub fn server(kind: &'a str, payload: Option<&'a RawValue>, timestamp: &'a str) -> Frame<'a> {
+        Frame {
+            id: None,
+            kind,
+            sender_id: SERVER_ID,
+            sender_name: SERVER_NAME,
+            sender_role: SERVER_ROLE,
+            target_id: None,
+            payload,
+            local_id: None,
+            stream_id: None,
+            conversation_id: None,
+            timestamp,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        // Serializing plain structs of strings and numbers cannot fail.
+        serde_json::to_string(self).expect("frame serializes")
+    }
+}
+
+#[derive(Serialize)]
+pub struct ErrorPayload<'a> {
+    pub code: &'a str,
+    pub message: &'a str,
+}
+
+#[derive(Serialize)]
+pub struct Ack<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub sender_id: i64,
+    pub sender_name: &'static str,
+    pub sender_role: &'static str,
+    pub local_id: &'a str,
+    pub id: i64,
+    pub timestamp: &'a str,
+}
+
+#[derive(Serialize)]
+pub struct LogPayload<'a> {
+    pub id: i64,
+    pub agent_id: &'a str,
+    pub level: &'a str,
+    pub content: &'a str,
+    pub timestamp: &'a str,
+}
+
+#[derive(Serialize)]
+pub struct PresencePayload<'a> {
+    pub user_id: i64,
+    pub username: &'a str,
+    pub role: &'a str,
+    pub online: bool,
+    pub last_seen_at: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+pub struct ButlerAgentPayload<'a> {
+    pub agent_id: i64,
+    pub id: i64,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub sender_id: i64,
+    pub sender_name: &'a str,
+    pub sender_role: &'a str,
+    pub payload: Option<&'a RawValue>,
+    pub timestamp: &'a str,
+}
+
+// ----- REST --------------------------------------------------------------------------------
+
+#[derive(Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: &'a str,
+}
+
+/// A user as every REST response shows it. Agents and the Butler add `machine`.
+#[derive(Serialize)]
+pub struct UserView {
+    pub id: i64,
+    pub username: String,
+    pub role: &'static str,
+    pub actor_type: &'static str,
+    pub agent_kind: String,
+    pub runtime_kind: String,
+    pub description: String,
+    pub created_at: String,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<MachineView>,
+    /// Present only in the response that creates or rotates the token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_token: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct MachineView {
+    pub token_hint: Option<String>,
+    pub token_updated_at: Option<String>,
+    pub status: &'static str,
+    pub online: bool,
+    pub last_seen_at: Option<String>,
+    pub last_report: String,
+}
+
+#[derive(Serialize)]
+pub struct AgentStatus {
+    pub id: i64,
+    pub username: String,
+    pub role: &'static str,
+    pub status: &'static str,
+    pub online: bool,
+    pub last_seen_at: Option<String>,
+    pub last_report: String,
+}
+
+#[derive(Serialize)]
+pub struct LoginResponse {
+    pub token: String,
+    pub user: UserView,
+}
+
+#[derive(Serialize)]
+pub struct LogView<'a> {
+    pub id: i64,
+    pub agent_id: &'a str,
+    pub level: &'a str,
+    pub content: &'a str,
+    pub timestamp: &'a str,
+}
+
+#[derive(Serialize)]
+pub struct ChatView<'a> {
+    pub id: i64,
+    pub local_id: Option<&'a str>,
+    pub sender_id: i64,
+    pub receiver_id: i64,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub payload: &'a RawValue,
+    pub stream_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conversation_id: Option<i64>,
+    pub timestamp: &'a str,
+}
+
+#[derive(Deserialize)]
+pub struct LoginRequest {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Deserialize)]
+pub struct CreateUserRequest {
+    pub username: String,
+    pub password: String,
+    pub role: String,
+}
+
+#[derive(Deserialize)]
+pub struct RegisterAgentRequest {
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub api_token: Option<String>,
+    #[serde(default)]
+    pub agent_kind: Option<String>,
+    #[serde(default)]
+    pub runtime_kind: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct TokenRequest {
+    #[serde(default)]
+    pub api_token: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct TestConnectionResponse {
+    pub ok: bool,
+    pub message: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_name: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct RotateResponse {
+    pub ok: bool,
+    pub message: &'static str,
+    pub agent_id: i64,
+    pub api_token: String,
+}
+
+#[derive(Deserialize)]
+pub struct PostLogRequest {
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    #[serde(default)]
+    pub level: Option<String>,
+    pub content: String,
+}
+
+#[derive(Deserialize)]
+pub struct AuthResponseRequest {
+    pub action_id: String,
+    pub approved: bool,
+}
+
+#[derive(Deserialize)]
+pub struct MockChatRequest {
+    pub sender_username: String,
+    pub receiver_username: String,
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    pub content: Box<RawValue>,
+    #[serde(default)]
+    pub local_id: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct DevToken<'a> {
+    pub username: &'a str,
+    pub role: &'a str,
+    pub api_token: &'a str,
+}

@@ -1,0 +1,491 @@
+//! The WebSocket side of a connection: the upgrade checks, then two threads per connection.
+//!
+//! tungstenite cannot split a socket, and a pong written by the reader in the middle of one of
+//! the writer's frames would corrupt the stream. So each connection gets two `WebSocket`
+//! values over clones of one `TcpStream`:
+//! - the reader's writes go nowhere (`ReadHalf`); pings it receives are answered by asking
+//!   the writer, and so is a close frame;
+//! - the writer thread owns every byte written: data frames from the hub's queue, pongs,
+//!   pings, close frames. It also runs the liveness timer and the credential re-check.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::select;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role as WsRole, WebSocketConfig};
+use tungstenite::{Message, WebSocket};
+
+use crate::auth::{self, AuthFailure};
+use crate::hub::{Conn, ConnQueues, Control, Hub, Outbound, Principal, RegisterError};
+use crate::server::{respond_json, App, Head};
+use crate::wire::{self, Frame};
+use crate::{clock, log_debug, log_info, log_warn};
+
+pub const PING_INTERVAL: Duration = Duration::from_secs(25);
+pub const SILENCE_LIMIT_MS: i64 = 60_000;
+/// Consecutive ERROR frames after which a connection is closed (1008).
+const MAX_CONSECUTIVE_ERRORS: u32 = 100;
+/// How long a connection may stay over its frame rate before it is closed (1008).
+const RATE_LIMITED_CLOSE_AFTER: Duration = Duration::from_secs(10);
+/// Frames the writer puts on the wire before one flush.
+const WRITE_BATCH: usize = 64;
+/// A write that makes no progress for this long ends the connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Completes (or refuses) an upgrade on `/api/ws`, then serves the connection until it ends.
+pub fn serve(app: &Arc<App>, mut stream: TcpStream, head: Head, leftover: Vec<u8>) {
+    let principal = match check_upgrade(app, &head) {
+        Ok(p) => p,
+        Err((status, error)) => {
+            respond_json(
+                &mut stream,
+                status,
+                &format!("{{\"error\":\"{error}\"}}"),
+                &[],
+            );
+            return;
+        }
+    };
+    let key = match head.header("sec-websocket-key") {
+        Some(k) if head.header("sec-websocket-version") == Some("13") => k.to_string(),
+        _ => {
+            respond_json(
+                &mut stream,
+                400,
+                r#"{"error":"unsupported websocket version"}"#,
+                &[("Sec-WebSocket-Version", "13")],
+            );
+            return;
+        }
+    };
+    let (conn, queues, first) = match app.hub.register(principal) {
+        Ok(r) => r,
+        Err(RegisterError::TooManyForUser) => {
+            app.hub.metrics.limit("user_connections");
+            respond_json(
+                &mut stream,
+                429,
+                r#"{"error":"too many connections for this user"}"#,
+                &[],
+            );
+            return;
+        }
+    };
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    if stream.write_all(response.as_bytes()).is_err() {
+        app.hub.unregister(&conn);
+        return;
+    }
+    log_info!(
+        "ws: {} {} ({}) connected as connection {}",
+        conn.principal.role.as_str(),
+        conn.principal.id,
+        conn.principal.username,
+        conn.id
+    );
+    run_connection(app, stream, leftover, conn, queues, first);
+}
+
+/// The checks of SPEC section 4, in order (the connection cap was checked at accept).
+fn check_upgrade(app: &App, head: &Head) -> Result<Principal, (u16, &'static str)> {
+    let token = head
+        .query_param("token")
+        .filter(|t| !t.is_empty())
+        .or_else(|| {
+            auth::parse_bearer(head.header("authorization"))
+                .ok()
+                .map(str::to_string)
+        });
+    let Some(token) = token else {
+        app.hub.metrics.auth_failures.fetch_add(1, Relaxed);
+        return Err((401, "token is required"));
+    };
+    let principal = match auth::authenticate(&app.store, &app.keys, &token) {
+        Ok(p) => p,
+        Err(AuthFailure::Invalid) => {
+            app.hub.metrics.auth_failures.fetch_add(1, Relaxed);
+            return Err((401, "invalid credentials"));
+        }
+        Err(AuthFailure::Unavailable) => return Err((500, "internal server error")),
+    };
+    let upgrade = head
+        .header("upgrade")
+        .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
+        && head.header("connection").is_some_and(|c| {
+            c.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("upgrade"))
+        });
+    if !upgrade || head.method != "GET" {
+        return Err((426, "websocket upgrade required"));
+    }
+    if let Some(origin) = head.header("origin") {
+        if !app.origin_allowed(origin, head.header("host")) {
+            return Err((403, "origin not allowed"));
+        }
+    }
+    Ok(principal)
+}
+
+fn ws_config(app: &App) -> WebSocketConfig {
+    // Small buffers: thousands of idle agents matter more than peak throughput of one.
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(16 * 1024)
+        .max_message_size(Some(app.config.max_message_bytes))
+        .max_frame_size(Some(app.config.max_message_bytes))
+}
+
+fn run_connection(
+    app: &Arc<App>,
+    stream: TcpStream,
+    leftover: Vec<u8>,
+    conn: Arc<Conn>,
+    queues: ConnQueues,
+    first: bool,
+) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let (write_stream, read_stream) = match (stream.try_clone(), stream.try_clone()) {
+        (Ok(w), Ok(r)) => (w, r),
+        _ => {
+            app.hub.unregister(&conn);
+            return;
+        }
+    };
+    let replay = if first && !conn.principal.role.is_human() {
+        app.hub.replay_for(&conn.principal)
+    } else {
+        Vec::new()
+    };
+    let writer = {
+        let app = app.clone();
+        let conn = conn.clone();
+        let config = ws_config(&app);
+        std::thread::Builder::new()
+            .name(format!("ws-writer-{}", conn.id))
+            .stack_size(crate::server::THREAD_STACK)
+            .spawn(move || {
+                let ws = WebSocket::from_raw_socket(write_stream, WsRole::Server, Some(config));
+                run_writer(&app, &conn, queues, ws, replay);
+            })
+    };
+    let writer = match writer {
+        Ok(w) => w,
+        Err(e) => {
+            log_warn!("ws: cannot start a writer thread: {e}");
+            let _ = stream.shutdown(Shutdown::Both);
+            app.hub.unregister(&conn);
+            return;
+        }
+    };
+    let ws = WebSocket::from_partially_read(
+        ReadHalf(read_stream),
+        leftover,
+        WsRole::Server,
+        Some(ws_config(app)),
+    );
+    run_reader(app, &conn, ws);
+    // Whatever ended the reader, make sure the writer ends too, then leave the registry.
+    conn.close(1000, "");
+    let _ = writer.join();
+    let _ = stream.shutdown(Shutdown::Both);
+    app.hub.unregister(&conn);
+    log_debug!("ws: connection {} closed", conn.id);
+}
+
+/// The read side of the socket. Its writes are discarded: the writer thread owns the wire.
+struct ReadHalf(TcpStream);
+
+impl Read for ReadHalf {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for ReadHalf {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Per-connection frame budget: a token bucket of `rate` per second with a burst of 2×.
+struct RateLimit {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+    limited_since: Option<Instant>,
+}
+
+impl RateLimit {
+    fn new(rate: u32) -> RateLimit {
+        RateLimit {
+            rate: rate as f64,
+            tokens: 2.0 * rate as f64,
+            last: Instant::now(),
+            limited_since: None,
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate)
+            .min(2.0 * self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.limited_since = None;
+            true
+        } else {
+            self.limited_since.get_or_insert(now);
+            false
+        }
+    }
+
+    fn limited_too_long(&self) -> bool {
+        self.limited_since
+            .is_some_and(|t| t.elapsed() >= RATE_LIMITED_CLOSE_AFTER)
+    }
+}
+
+fn run_reader(app: &App, conn: &Arc<Conn>, mut ws: WebSocket<ReadHalf>) {
+    let hub = &app.hub;
+    let mut rate = RateLimit::new(app.config.max_frames_per_second);
+    let mut consecutive_errors = 0u32;
+    loop {
+        let message = match ws.read() {
+            Ok(m) => m,
+            Err(tungstenite::Error::Capacity(_)) => {
+                hub.metrics.limit("message_too_large");
+                conn.close(1009, "message too big");
+                return;
+            }
+            Err(tungstenite::Error::Utf8(_)) => {
+                conn.close(1007, "invalid utf-8");
+                return;
+            }
+            Err(tungstenite::Error::Protocol(
+                tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            )) => return,
+            Err(tungstenite::Error::Protocol(e)) => {
+                log_debug!("ws: protocol error on connection {}: {e}", conn.id);
+                conn.close(1002, "protocol error");
+                return;
+            }
+            Err(_) => return,
+        };
+        conn.touch();
+        let text = match &message {
+            Message::Text(t) => Ok(t.as_str()),
+            Message::Binary(b) => std::str::from_utf8(b).map_err(|_| ()),
+            Message::Ping(data) => {
+                conn.pong(data.clone());
+                continue;
+            }
+            Message::Pong(_) | Message::Frame(_) => continue,
+            Message::Close(frame) => {
+                // Echo the peer's code, as RFC 6455 section 5.5.1 asks.
+                let code = frame.as_ref().map(|f| u16::from(f.code)).unwrap_or(1000);
+                conn.close(if code == 1005 { 1000 } else { code }, "");
+                return;
+            }
+        };
+        if conn.is_closing() {
+            return;
+        }
+        if !rate.allow() {
+            hub.metrics.limit("frame_rate_limited");
+            send_error(
+                hub,
+                conn,
+                "rate_limited",
+                "too many frames; this one was dropped",
+                None,
+            );
+            if rate.limited_too_long() {
+                conn.close(1008, "rate limited");
+                return;
+            }
+            continue;
+        }
+        let outcome = match text {
+            Ok(text) => hub.handle_frame(conn, text),
+            Err(()) => Err((
+                crate::hub::FrameError {
+                    code: "bad_json",
+                    message: "binary frame is not UTF-8 JSON".into(),
+                },
+                None,
+            )),
+        };
+        match outcome {
+            Ok(()) => consecutive_errors = 0,
+            Err((e, local_id)) => {
+                send_error(hub, conn, e.code, &e.message, local_id.as_deref());
+                consecutive_errors += 1;
+                if consecutive_errors >= MAX_CONSECUTIVE_ERRORS {
+                    hub.metrics.limit("consecutive_errors");
+                    conn.close(1008, "too many errors");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn send_error(hub: &Hub, conn: &Conn, code: &'static str, message: &str, local_id: Option<&str>) {
+    hub.metrics.error(code);
+    let payload = serde_json::to_string(&wire::ErrorPayload { code, message }).unwrap_or_default();
+    let Ok(payload) = serde_json::value::RawValue::from_string(payload) else {
+        return;
+    };
+    let now = clock::now_rfc3339();
+    let mut frame = Frame::server("ERROR", Some(&payload), &now);
+    frame.local_id = local_id;
+    conn.send_direct(hub, "ERROR", frame.to_json(), None);
+}
+
+fn run_writer(
+    app: &App,
+    conn: &Arc<Conn>,
+    queues: ConnQueues,
+    mut ws: WebSocket<TcpStream>,
+    replay: Vec<Outbound>,
+) {
+    let hub = &app.hub;
+    let me = conn.principal.id;
+    // Frames already sent by the replay may also arrive live; send each id once.
+    let replayed_up_to = replay.iter().filter_map(|o| o.stored_id).max().unwrap_or(0);
+    let close_code = 'serve: {
+        if !replay.is_empty() {
+            let mut delivered = 0;
+            for frame in replay {
+                delivered = frame.stored_id.unwrap_or(delivered).max(delivered);
+                if ws.write(Message::Text(frame.text)).is_err() {
+                    break 'serve None;
+                }
+            }
+            if ws.flush().is_err() {
+                break 'serve None;
+            }
+            hub.delivered(me, delivered);
+        }
+        let mut next_tick = Instant::now() + PING_INTERVAL;
+        loop {
+            let timeout = next_tick.saturating_duration_since(Instant::now());
+            select! {
+                recv(queues.ctl) -> ctl => match ctl {
+                    Ok(Control::Pong(data)) => {
+                        if ws.send(Message::Pong(data)).is_err() {
+                            break 'serve None;
+                        }
+                    }
+                    Ok(Control::Close(code, reason)) => break 'serve Some((code, reason)),
+                    Err(_) => break 'serve None,
+                },
+                recv(queues.out) -> first => {
+                    let Ok(first) = first else { break 'serve None };
+                    if write_batch(hub, conn, &mut ws, &queues, first, replayed_up_to).is_err() {
+                        break 'serve None;
+                    }
+                }
+                default(timeout) => {
+                    next_tick = Instant::now() + PING_INTERVAL;
+                    if let Some(close) = liveness_check(app, conn) {
+                        break 'serve Some(close);
+                    }
+                    if ws.send(Message::Ping(Default::default())).is_err() {
+                        break 'serve None;
+                    }
+                }
+            }
+        }
+    };
+    if let Some((code, reason)) = close_code {
+        conn.close(code, reason);
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
+        // Best effort: the peer may already be gone.
+        let _ = ws.close(Some(frame));
+        let _ = ws.flush();
+        if code != 1000 {
+            log_info!("ws: closed connection {} with {code} {reason}", conn.id);
+        }
+    } else {
+        conn.close(1006, "");
+    }
+    // Wakes the reader, which is blocked in read().
+    let _ = ws.get_ref().shutdown(Shutdown::Both);
+    // Drain so queued byte counts stay truthful for anyone still looking.
+    while queues.out.try_recv().is_ok() {}
+}
+
+/// Writes `first` and whatever else is queued (up to a batch), then flushes once, then
+/// advances the delivery mark for stored frames addressed to this connection's user.
+fn write_batch(
+    hub: &Hub,
+    conn: &Conn,
+    ws: &mut WebSocket<TcpStream>,
+    queues: &ConnQueues,
+    first: Outbound,
+    replayed_up_to: i64,
+) -> tungstenite::Result<()> {
+    let mut delivered = 0i64;
+    let mut next = Some(first);
+    let mut written = 0;
+    while let Some(frame) = next.take() {
+        conn.dequeued(frame.text.len());
+        let skip = frame.stored_id.is_some_and(|id| id <= replayed_up_to);
+        if !skip {
+            if let Some(id) = frame.stored_id {
+                delivered = delivered.max(id);
+            }
+            ws.write(Message::Text(frame.text))?;
+        }
+        written += 1;
+        if written < WRITE_BATCH {
+            next = queues.out.try_recv().ok();
+        }
+    }
+    ws.flush()?;
+    if delivered > 0 {
+        hub.delivered(conn.principal.id, delivered);
+    }
+    Ok(())
+}
+
+/// Every liveness tick: is the peer still there, and is its credential still valid?
+fn liveness_check(app: &App, conn: &Conn) -> Option<(u16, &'static str)> {
+    let silent_ms = clock::now_ms() - conn.last_activity_ms.load(Relaxed);
+    if silent_ms > SILENCE_LIMIT_MS {
+        app.hub.metrics.limit("ping_timeout");
+        return Some((1011, "ping timeout"));
+    }
+    let p = &conn.principal;
+    match &p.token_hash {
+        // A machine: its token must still be the current one (rotation from the CLI).
+        Some(hash) => match app.store.token_hash_of(p.id) {
+            Ok(Some(current)) if &current == hash => None,
+            Ok(Some(_)) => Some((1008, "token revoked")),
+            Ok(None) => Some((1008, "agent removed")),
+            Err(_) => None,
+        },
+        // A human: the account must still exist.
+        None => match app.store.user_by_id(p.id) {
+            Ok(Some(u)) if !u.deleted => None,
+            Ok(_) => Some((1008, "user removed")),
+            Err(_) => None,
+        },
+    }
+}

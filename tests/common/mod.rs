@@ -1,0 +1,488 @@
+//! Test harness: starts the real `echocenter` binary on a free port with a temporary SQLite
+//! file, and talks to it with real HTTP (a small client over `TcpStream`) and real WebSocket
+//! (tungstenite) clients. Every wait is a wait-for-condition with a deadline, never a sleep.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tungstenite::{Message, WebSocket};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_echocenter");
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "echocenter-test-{}-{n}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub struct Server {
+    pub child: Option<Child>,
+    pub addr: String,
+    pub db: PathBuf,
+    pub dir: TempDir,
+    stderr_path: PathBuf,
+}
+
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    /// The `error` string of an error body.
+    pub fn error(&self) -> String {
+        self.json()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Server::start_with(&[], &[])
+    }
+
+    /// Starts the binary with extra flags and environment, on a fresh database.
+    pub fn start_with(args: &[&str], envs: &[(&str, &str)]) -> Server {
+        let dir = TempDir::new();
+        let db = dir.path().join("echocenter.db");
+        Server::start_on(dir, db, args, envs)
+    }
+
+    /// Starts the binary on an existing directory and database file (restarts).
+    pub fn start_on(dir: TempDir, db: PathBuf, args: &[&str], envs: &[(&str, &str)]) -> Server {
+        let stderr_path = dir.path().join(format!(
+            "stderr-{}.log",
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--addr")
+            .arg("127.0.0.1:0")
+            .arg("--db")
+            .arg(&db)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        for var in [
+            "ECHOCENTER_ENV",
+            "APP_ENV",
+            "ECHOCENTER_ADMIN_PASSWORD",
+            "ECHOCENTER_ADMIN_USER",
+            "JWT_SECRET",
+            "ECHOCENTER_JWT_SECRET",
+        ] {
+            cmd.env_remove(var);
+        }
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start echocenter");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Some(Ok(line)) = lines.next() {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "server did not start: {}",
+                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                );
+            }
+        };
+        Server {
+            child: Some(child),
+            addr,
+            db,
+            dir,
+            stderr_path,
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        wait_child(&mut child, Duration::from_secs(20))
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Stops this process (SIGKILL) and starts a new one on the same database.
+    pub fn restart(mut self, args: &[&str], envs: &[(&str, &str)]) -> Server {
+        if self.child.is_some() {
+            self.kill9();
+        }
+        let dir = std::mem::replace(&mut self.dir, TempDir(PathBuf::new()));
+        let db = self.db.clone();
+        Server::start_on(dir, db, args, envs)
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> HttpResponse {
+        let mut headers = Vec::new();
+        if let Some(t) = token {
+            headers.push(("Authorization".to_string(), format!("Bearer {t}")));
+        }
+        self.raw_request(method, path, &headers, body.map(str::as_bytes))
+    }
+
+    pub fn raw_request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(String, String)],
+        body: Option<&[u8]>,
+    ) -> HttpResponse {
+        let mut s = TcpStream::connect(&self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+            self.addr
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if let Some(b) = body {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            ));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        if let Some(b) = body {
+            // The server may answer (413) before reading a large body; that is fine.
+            let _ = s.write_all(b);
+        }
+        read_response(&mut s)
+    }
+
+    pub fn get(&self, path: &str, token: &str) -> HttpResponse {
+        self.request("GET", path, Some(token), None)
+    }
+
+    pub fn post(&self, path: &str, token: &str, body: Value) -> HttpResponse {
+        self.request("POST", path, Some(token), Some(&body.to_string()))
+    }
+
+    pub fn login(&self, username: &str, password: &str) -> HttpResponse {
+        self.request(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(&json!({"username": username, "password": password}).to_string()),
+        )
+    }
+
+    /// A JWT for the bootstrap admin (development password).
+    pub fn admin_token(&self) -> String {
+        let r = self.login("admin", "admin123");
+        assert_eq!(r.status, 200, "admin login: {}", r.body);
+        r.json()["token"].as_str().unwrap().to_string()
+    }
+
+    /// Registers an agent; returns (id, raw token).
+    pub fn register_agent(&self, admin: &str, name: &str) -> (i64, String) {
+        let r = self.post("/api/users/agents", admin, json!({"username": name}));
+        assert_eq!(r.status, 201, "register {name}: {}", r.body);
+        let v = r.json();
+        (
+            v["id"].as_i64().unwrap(),
+            v["api_token"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Creates a human with a password; returns its JWT.
+    pub fn create_human(&self, admin: &str, name: &str, role: &str) -> (i64, String) {
+        let r = self.post(
+            "/api/users",
+            admin,
+            json!({"username": name, "password": "pw-123456", "role": role}),
+        );
+        assert_eq!(r.status, 201, "create {name}: {}", r.body);
+        let id = r.json()["id"].as_i64().unwrap();
+        let t = self.login(name, "pw-123456");
+        assert_eq!(t.status, 200);
+        (id, t.json()["token"].as_str().unwrap().to_string())
+    }
+
+    /// The raw token of the Butler (development only).
+    pub fn butler_token(&self, admin: &str) -> String {
+        let r = self.get("/api/dev/mock/agent-token/Butler", admin);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["api_token"].as_str().unwrap().to_string()
+    }
+
+    pub fn ws(&self, token: &str) -> Ws {
+        self.try_ws(token)
+            .unwrap_or_else(|e| panic!("websocket connect failed: {e}"))
+    }
+
+    pub fn try_ws(&self, token: &str) -> Result<Ws, String> {
+        let stream = TcpStream::connect(&self.addr).map_err(|e| e.to_string())?;
+        let url = format!("ws://{}/api/ws?token={token}", self.addr);
+        match tungstenite::client(url.as_str(), stream) {
+            Ok((ws, _)) => {
+                ws.get_ref()
+                    .set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                Ok(Ws { inner: ws })
+            }
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
+                Err(format!(
+                    "{} {}",
+                    resp.status().as_u16(),
+                    String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default())
+                ))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Waits until `cond` holds, polling; panics with `what` after `timeout`.
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+        wait_until(what, timeout, &mut cond)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn wait_until(what: &str, timeout: Duration, cond: &mut dyn FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn wait_child(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit in time");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn read_response(s: &mut TcpStream) -> HttpResponse {
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head: {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut body = raw[split + 4..].to_vec();
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    }
+    HttpResponse {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
+        b = &b[eol + 2 + size + 2..];
+    }
+}
+
+/// A WebSocket client for tests.
+pub struct Ws {
+    pub inner: WebSocket<TcpStream>,
+}
+
+impl Ws {
+    pub fn send_json(&mut self, v: Value) {
+        self.inner.send(Message::text(v.to_string())).unwrap();
+    }
+
+    pub fn send_text(&mut self, t: &str) {
+        self.inner.send(Message::text(t.to_string())).unwrap();
+    }
+
+    /// The next JSON text frame, or None at the deadline. Panics if the connection closed.
+    pub fn recv_within(&mut self, timeout: Duration) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            match self.inner.read() {
+                Ok(Message::Text(t)) => return Some(serde_json::from_str(t.as_str()).unwrap()),
+                Ok(Message::Binary(b)) => return Some(serde_json::from_slice(&b).unwrap()),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("websocket ended while waiting for a frame: {e}"),
+            }
+        }
+        None
+    }
+
+    /// The next frame whose type is `kind` (others are skipped), within 10 s.
+    pub fn recv_type(&mut self, kind: &str) -> Value {
+        self.recv_until(|v| v["type"] == kind, &format!("a {kind} frame"))
+    }
+
+    pub fn recv_until(&mut self, mut pred: impl FnMut(&Value) -> bool, what: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(v) = self.recv_within(Duration::from_millis(200)) {
+                if pred(&v) {
+                    return v;
+                }
+            }
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    /// Reads until the server closes; returns the close code (None if no close frame came).
+    pub fn recv_close(&mut self) -> Option<u16> {
+        let deadline = Instant::now() + Duration::from_secs(70);
+        while Instant::now() < deadline {
+            match self.inner.read() {
+                Ok(Message::Close(f)) => return f.map(|f| u16::from(f.code)),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return None,
+            }
+        }
+        panic!("server did not close the connection");
+    }
+
+    /// Asserts that no frame of type `kind` arrives within `window`.
+    pub fn assert_no(&mut self, kind: &str, window: Duration) {
+        let deadline = Instant::now() + window;
+        while Instant::now() < deadline {
+            if let Some(v) = self.recv_within(Duration::from_millis(50)) {
+                assert_ne!(v["type"], kind, "unexpected frame: {v}");
+            }
+        }
+    }
+
+    pub fn close(mut self) {
+        let _ = self.inner.close(None);
+        let _ = self.inner.flush();
+    }
+}
