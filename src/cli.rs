@@ -24,6 +24,7 @@ flags (each also an ECHOCENTER_* variable, see README):
   --admin-user U  --admin-password P  --max-message-bytes N  --max-connections N
   --max-connections-per-ip N  --allowed-origins LIST  --max-frames-per-second N
   --metrics-token T  --log error|warn|info|debug  --sync full|normal
+  --ws-ping-interval 25s  --ws-idle-timeout 60s
 ";
 
 #[derive(Debug)]

@@ -38,6 +38,10 @@ pub struct Config {
     pub metrics_token: Option<String>,
     pub log: crate::logging::Level,
     pub sync: Sync,
+    /// How often the server pings each WebSocket (SPEC: 25 s).
+    pub ws_ping_interval: Duration,
+    /// Silence after which a WebSocket is closed (SPEC: 60 s).
+    pub ws_idle_timeout: Duration,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -207,6 +211,16 @@ impl<'a> Loader<'a> {
             },
             None => Sync::Full,
         };
+        let ws_ping_interval = self.duration(
+            "--ws-ping-interval",
+            "ECHOCENTER_WS_PING_INTERVAL",
+            Duration::from_secs(25),
+        )?;
+        let ws_idle_timeout = self.duration(
+            "--ws-idle-timeout",
+            "ECHOCENTER_WS_IDLE_TIMEOUT",
+            Duration::from_secs(60),
+        )?;
         Ok(Config {
             addr,
             db,
@@ -223,7 +237,27 @@ impl<'a> Loader<'a> {
             metrics_token,
             log,
             sync,
+            ws_ping_interval,
+            ws_idle_timeout,
         })
+    }
+
+    fn duration(
+        &mut self,
+        flag: &'static str,
+        var: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match self.pick(flag, &[var])? {
+            Some(raw) => match parse_duration(&raw.value) {
+                Some(d) if d >= Duration::from_millis(100) => Ok(d),
+                _ => Err(bad(
+                    raw,
+                    "expected a duration of at least 100ms such as 25s",
+                )),
+            },
+            None => Ok(default),
+        }
     }
 
     fn upstream_addr(&mut self) -> Result<String, ConfigError> {

@@ -295,6 +295,8 @@ impl Hub {
         if last && !conn.principal.role.is_human() {
             let now = clock::now_rfc3339();
             self.store.set_last_seen(conn.principal.id, now.clone());
+            // Committed before anyone hears of it, so REST agrees with the PRESENCE frame.
+            self.store.flush();
             self.announce_presence(&conn.principal, false, &now);
         }
     }

@@ -25,14 +25,14 @@ use crate::server::{respond_json, App, Head};
 use crate::wire::{self, Frame};
 use crate::{clock, log_debug, log_info, log_warn};
 
-pub const PING_INTERVAL: Duration = Duration::from_secs(25);
-pub const SILENCE_LIMIT_MS: i64 = 60_000;
 /// Consecutive ERROR frames after which a connection is closed (1008).
 const MAX_CONSECUTIVE_ERRORS: u32 = 100;
 /// How long a connection may stay over its frame rate before it is closed (1008).
 const RATE_LIMITED_CLOSE_AFTER: Duration = Duration::from_secs(10);
 /// Frames the writer puts on the wire before one flush.
 const WRITE_BATCH: usize = 64;
+/// After our close frame, how long the peer has to answer before the socket is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// A write that makes no progress for this long ends the connection.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -379,7 +379,8 @@ fn run_writer(
             }
             hub.delivered(me, delivered);
         }
-        let mut next_tick = Instant::now() + PING_INTERVAL;
+        let ping_interval = app.config.ws_ping_interval;
+        let mut next_tick = Instant::now() + ping_interval;
         loop {
             let timeout = next_tick.saturating_duration_since(Instant::now());
             select! {
@@ -399,7 +400,7 @@ fn run_writer(
                     }
                 }
                 default(timeout) => {
-                    next_tick = Instant::now() + PING_INTERVAL;
+                    next_tick = Instant::now() + ping_interval;
                     if let Some(close) = liveness_check(app, conn) {
                         break 'serve Some(close);
                     }
@@ -410,6 +411,7 @@ fn run_writer(
             }
         }
     };
+    let socket = ws.get_ref().try_clone();
     if let Some((code, reason)) = close_code {
         conn.close(code, reason);
         let frame = CloseFrame {
@@ -422,11 +424,19 @@ fn run_writer(
         if code != 1000 {
             log_info!("ws: closed connection {} with {code} {reason}", conn.id);
         }
+        // Half-close so the peer can still read our close frame and answer it; the reader
+        // (blocked in read) ends on that answer, or on this deadline for a silent peer.
+        if let Ok(socket) = &socket {
+            let _ = socket.set_read_timeout(Some(CLOSE_GRACE));
+            let _ = socket.shutdown(Shutdown::Write);
+        }
     } else {
         conn.close(1006, "");
+        // The peer is gone: wake the reader, which is blocked in read().
+        if let Ok(socket) = &socket {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
     }
-    // Wakes the reader, which is blocked in read().
-    let _ = ws.get_ref().shutdown(Shutdown::Both);
     // Drain so queued byte counts stay truthful for anyone still looking.
     while queues.out.try_recv().is_ok() {}
 }
@@ -468,7 +478,7 @@ fn write_batch(
 /// Every liveness tick: is the peer still there, and is its credential still valid?
 fn liveness_check(app: &App, conn: &Conn) -> Option<(u16, &'static str)> {
     let silent_ms = clock::now_ms() - conn.last_activity_ms.load(Relaxed);
-    if silent_ms > SILENCE_LIMIT_MS {
+    if silent_ms > app.config.ws_idle_timeout.as_millis() as i64 {
         app.hub.metrics.limit("ping_timeout");
         return Some((1011, "ping timeout"));
     }
