@@ -47,7 +47,7 @@ fn the_connection_cap_answers_503_and_the_per_user_cap_429() {
     let _a = s.ws(&admin);
     let _b = s.ws(&admin);
     let _c = s.ws(&admin);
-    let err = s.try_ws(&admin).err().expect("fourth connection refused");
+    let err = s.try_ws(&admin).expect_err("fourth connection refused");
     assert!(err.starts_with("503"), "{err}");
     let r = s.request("GET", "/api/ping", None, None);
     assert_eq!(
@@ -59,7 +59,7 @@ fn the_connection_cap_answers_503_and_the_per_user_cap_429() {
     let s = Server::start();
     let admin = s.admin_token();
     let held: Vec<Ws> = (0..16).map(|_| s.ws(&admin)).collect();
-    let err = s.try_ws(&admin).err().expect("17th connection refused");
+    let err = s.try_ws(&admin).expect_err("17th connection refused");
     assert!(err.starts_with("429"), "{err}");
     drop(held);
 }
