@@ -13,10 +13,7 @@ CREATE TABLE users (
     -- A deleted agent keeps its row (history refers to it, the name stays reserved).
     deleted_at     TEXT,
     -- Presence that must survive restarts.
-    last_seen_at   TEXT,
-    -- Store-and-forward: the newest stored frame addressed to this user that was written
-    -- to one of its connections.
-    delivered_mark INTEGER NOT NULL DEFAULT 0
+    last_seen_at   TEXT
 );
 
 CREATE TABLE human_credentials (
@@ -60,11 +57,16 @@ CREATE TABLE chat_messages (
     content         TEXT NOT NULL,
     stream_id       TEXT,
     conversation_id INTEGER,
-    timestamp       TEXT NOT NULL
+    timestamp       TEXT NOT NULL,
+    -- Store-and-forward: 0 while a frame addressed to an agent or the Butler has not yet
+    -- been written to one of its connections; 1 once it has (and always for humans, who load
+    -- history over REST instead).
+    delivered       INTEGER NOT NULL DEFAULT 1
 );
 CREATE UNIQUE INDEX chat_sender_local ON chat_messages (sender_id, local_id) WHERE local_id IS NOT NULL;
 CREATE INDEX chat_pair ON chat_messages (sender_id, receiver_id, id);
 CREATE INDEX chat_receiver ON chat_messages (receiver_id, id);
+CREATE INDEX chat_undelivered ON chat_messages (receiver_id, id) WHERE delivered = 0;
 
 CREATE TABLE settings (
     key   TEXT PRIMARY KEY,

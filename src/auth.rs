@@ -253,6 +253,7 @@ pub fn authenticate(
                     username: u.username,
                     role: u.role,
                     token_hash: None,
+                    expires_at: Some(claims.exp),
                 }),
                 _ => Err(AuthFailure::Invalid),
             };
@@ -268,6 +269,7 @@ pub fn authenticate(
             username: u.username,
             role: u.role,
             token_hash: Some(hash),
+            expires_at: None,
         }),
         None => Err(AuthFailure::Invalid),
     }
@@ -330,9 +332,9 @@ impl LoginLimiter {
 
     pub fn record_failure(&self, ip: std::net::IpAddr) {
         let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        // Bound memory under a spray of addresses: forget everyone rather than grow forever.
+        // Bound memory under a spray of addresses: drop the entries whose window has passed.
         if map.len() > 100_000 {
-            map.clear();
+            map.retain(|_, list| list.back().is_some_and(|t| t.elapsed() < Self::WINDOW));
         }
         let list = map.entry(ip).or_default();
         list.push_back(std::time::Instant::now());

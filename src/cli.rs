@@ -63,15 +63,8 @@ pub fn run(args: Vec<OsString>) -> Result<(), CliError> {
         println!("echocenter {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
     }
-    let sub = args
-        .subcommand()
-        .map_err(|e| CliError::Usage(e.to_string()))?;
-    let sub2 = match sub.as_deref() {
-        Some("agent") | Some("user") => args
-            .subcommand()
-            .map_err(|e| CliError::Usage(e.to_string()))?,
-        _ => None,
-    };
+    // Options first (they may stand anywhere), then the words that are left:
+    // `[serve]`, `agent add NAME`, `user add NAME`, ...
     let env = |k: &str| std::env::var(k).ok();
     let description: Option<String> = args
         .opt_value_from_str("--description")
@@ -82,11 +75,20 @@ pub fn run(args: Vec<OsString>) -> Result<(), CliError> {
     let config = Loader::new(&mut args, &env)
         .load()
         .map_err(CliError::Config)?;
-    let rest: Vec<String> = args
+    let mut words: Vec<String> = args
         .finish()
         .into_iter()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
+    if let Some(flag) = words.iter().find(|w| w.starts_with('-')) {
+        return Err(CliError::Usage(format!("unknown option: {flag}")));
+    }
+    let sub = (!words.is_empty()).then(|| words.remove(0));
+    let sub2 = match sub.as_deref() {
+        Some("agent") | Some("user") if !words.is_empty() => Some(words.remove(0)),
+        _ => None,
+    };
+    let rest = words;
     match (sub.as_deref(), sub2.as_deref()) {
         (None, _) | (Some("serve"), _) => {
             no_extra(&rest)?;
@@ -129,8 +131,11 @@ fn open(config: &Config) -> Result<Store, CliError> {
     crate::server::open_store(config).map_err(CliError::Failed)
 }
 
-fn keep_raw(config: &Config) -> bool {
+/// Raw token copies are kept only in development, and never in a database a production
+/// server has used.
+fn keep_raw(config: &Config, store: &Store) -> bool {
     config.env == Environment::Development
+        && store.setting("env").ok().flatten().as_deref() != Some("production")
 }
 
 fn agent_add(config: &Config, name: &str, description: Option<&str>) -> Result<(), CliError> {
@@ -150,7 +155,7 @@ fn agent_add(config: &Config, name: &str, description: Option<&str>) -> Result<(
             runtime_kind: "websocket",
             description: description.unwrap_or(""),
         },
-        keep_raw(config),
+        keep_raw(config, &store),
     )?;
     store.flush();
     println!("{token}");
@@ -191,7 +196,7 @@ fn agent_rotate(config: &Config, name: &str) -> Result<(), CliError> {
     let store = open(config)?;
     let user = machine_named(&store, name)?;
     let token = auth::generate_token();
-    store.rotate_token(user.id, &token, keep_raw(config))?;
+    store.rotate_token(user.id, &token, keep_raw(config, &store))?;
     println!("{token}");
     Ok(())
 }

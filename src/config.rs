@@ -167,7 +167,8 @@ impl<'a> Loader<'a> {
             "ECHOCENTER_MAX_MESSAGE_BYTES",
             65_536,
             128,
-            16 << 20,
+            // Below the 4 MiB per-connection queue cap, so one frame can always be queued.
+            1 << 20,
         )?;
         let max_connections = self.number(
             "--max-connections",

@@ -319,9 +319,10 @@ fn param(ctx: &Ctx, name: &str) -> Option<String> {
 /// An integer query parameter: absent → None; not an integer or below `min` → 400
 /// `invalid <name>`; above `cap` → clamped.
 fn int_param(ctx: &Ctx, name: &str, min: i64, cap: i64) -> Result<Option<i64>> {
-    match param(ctx, name) {
+    let raw = ctx.query.as_deref().and_then(|q| query_param(q, name));
+    match raw {
         None => Ok(None),
-        Some(v) => match v.parse::<i64>() {
+        Some(v) => match v.trim().parse::<i64>() {
             Ok(n) if n >= min => Ok(Some(n.min(cap))),
             _ => Err(Reply::error(400, &format!("invalid {name}"))),
         },
@@ -478,29 +479,21 @@ fn post_log(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
     };
     let level = crate::hub::normalize_level(req.level.as_deref().filter(|l| !l.is_empty()))
         .ok_or_else(|| Reply::error(400, "invalid level"))?;
-    let stored = ctx.app.store.insert_log(NewLog {
+    let log = NewLog {
         sender_id: Some(who.id),
-        agent_id: agent_id.clone(),
-        level: level.clone(),
-        content: req.content.clone(),
+        agent_id,
+        level,
+        content: req.content,
         local_id: None,
-    })?;
-    ctx.app.hub.broadcast_log(
-        who.id,
-        &agent_id,
-        who.role.as_str(),
-        &stored,
-        &level,
-        &req.content,
-        None,
-    );
+    };
+    let stored = ctx.app.hub.post_log(&who, &log)?;
     Ok(Reply::json(
         201,
         &wire::LogView {
             id: stored.id,
-            agent_id: &agent_id,
-            level: &level,
-            content: &req.content,
+            agent_id: &log.agent_id,
+            level: &log.level,
+            content: &log.content,
             timestamp: &stored.timestamp,
         },
     ))
@@ -859,6 +852,12 @@ fn dev_token(ctx: &Ctx, username: &str) -> Result<Reply> {
 fn dev_reset(ctx: &Ctx) -> Result<Reply> {
     dev_gate(ctx)?;
     ctx.app.hub.close_all(1008, "data reset");
+    // Let the closing sessions finish (their last writes and unregistering) before the wipe,
+    // so nothing of the old world lands in the new one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while ctx.app.hub.connection_count() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     ctx.app.store.wipe()?;
     ctx.app.hub.forget_all_users();
     crate::server::bootstrap(&ctx.app.store, &ctx.app.config)?;
@@ -890,6 +889,7 @@ fn dev_chat(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
         local_id: req.local_id.filter(|l| !l.is_empty()),
         stream_id: None,
         conversation_id: None,
+        forward: !receiver.role.is_human(),
     })?;
     Ok(Reply::json(201, &serde_json::json!({"id": stored.id})))
 }

@@ -36,6 +36,8 @@ pub const REPLAY_MAX_AGE_MS: i64 = 7 * 24 * 3600 * 1000;
 /// How long a user lookup for routing is trusted (users added or removed by another process,
 /// e.g. the CLI, are seen after this long).
 const DIRECTORY_TTL: Duration = Duration::from_secs(5);
+/// Size at which expired lookups are pruned from the cache.
+const DIRECTORY_MAX: usize = 10_000;
 
 /// Who is on the other end of a connection.
 #[derive(Clone, Debug)]
@@ -45,6 +47,8 @@ pub struct Principal {
     pub role: Role,
     /// For machines: the hash of the token this session authenticated with.
     pub token_hash: Option<String>,
+    /// For humans: when the session's JWT expires (seconds since the epoch).
+    pub expires_at: Option<i64>,
 }
 
 /// One frame queued for a connection's writer.
@@ -125,9 +129,13 @@ impl Conn {
         self.closing.load(Relaxed)
     }
 
-    /// Sends a pong through the writer (the reader never writes to the socket).
+    /// Sends a pong through the writer (the reader never writes to the socket). A ping
+    /// flood while the writer is stuck cannot grow the queue: RFC 6455 lets us answer only
+    /// the most recent pings.
     pub fn pong(&self, data: tungstenite::Bytes) {
-        let _ = self.ctl.send(Control::Pong(data));
+        if self.ctl.len() < 8 {
+            let _ = self.ctl.send(Control::Pong(data));
+        }
     }
 
     pub fn touch(&self) {
@@ -188,8 +196,8 @@ pub struct Hub {
     pub store: Store,
     pub metrics: Arc<Metrics>,
     registry: RwLock<Registry>,
-    directory: Mutex<HashMap<i64, (Instant, Option<Target>)>>,
-    marks: Mutex<HashMap<i64, i64>>,
+    presence: Mutex<()>,
+    directory: Mutex<HashMap<i64, (Instant, Target)>>,
     next_conn_id: AtomicU64,
     /// Connections of every kind (REST and WebSocket) open right now.
     pub open_sockets: AtomicUsize,
@@ -222,8 +230,8 @@ impl Hub {
             store,
             metrics,
             registry: RwLock::new(Registry::default()),
+            presence: Mutex::new(()),
             directory: Mutex::new(HashMap::new()),
-            marks: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
             open_sockets: AtomicUsize::new(0),
         })
@@ -248,6 +256,9 @@ impl Hub {
             closing: AtomicBool::new(false),
             last_activity_ms: AtomicI64::new(clock::now_ms()),
         });
+        // Held across the registry change and its PRESENCE frame, so that a last close and
+        // a new first open of the same user are announced in the order they happened.
+        let _presence = self.presence.lock().unwrap_or_else(|p| p.into_inner());
         let first = {
             let mut reg = self.registry.write().unwrap_or_else(|p| p.into_inner());
             let list = reg.by_user.entry(conn.principal.id).or_default();
@@ -276,27 +287,36 @@ impl Hub {
     }
 
     pub fn unregister(&self, conn: &Arc<Conn>) {
+        let _presence = self.presence.lock().unwrap_or_else(|p| p.into_inner());
+        let machine = !conn.principal.role.is_human();
+        // Registrations are serialized by `presence`, so "only connection left" is stable here.
         let last = {
+            let reg = self.registry.read().unwrap_or_else(|p| p.into_inner());
+            reg.by_user
+                .get(&conn.principal.id)
+                .is_some_and(|list| list.iter().all(|c| c.id == conn.id))
+        };
+        let now = clock::now_rfc3339();
+        if last && machine {
+            // Committed before the user shows as offline anywhere, so REST never sees an
+            // offline agent without its last_seen_at.
+            self.store.set_last_seen(conn.principal.id, now.clone());
+            self.store.flush();
+        }
+        {
             let mut reg = self.registry.write().unwrap_or_else(|p| p.into_inner());
-            let mut last = false;
             if let Some(list) = reg.by_user.get_mut(&conn.principal.id) {
                 list.retain(|c| c.id != conn.id);
                 if list.is_empty() {
                     reg.by_user.remove(&conn.principal.id);
-                    last = true;
                 }
             }
-            if conn.principal.role.is_human() {
+            if !machine {
                 reg.humans.retain(|c| c.id != conn.id);
             }
-            last
-        };
+        }
         self.metrics.connection_closed(conn.principal.role);
-        if last && !conn.principal.role.is_human() {
-            let now = clock::now_rfc3339();
-            self.store.set_last_seen(conn.principal.id, now.clone());
-            // Committed before anyone hears of it, so REST agrees with the PRESENCE frame.
-            self.store.flush();
+        if last && machine {
             self.announce_presence(&conn.principal, false, &now);
         }
     }
@@ -351,10 +371,6 @@ impl Hub {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&user_id);
-        self.marks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&user_id);
     }
 
     pub fn forget_all_users(&self) {
@@ -362,9 +378,10 @@ impl Hub {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        self.marks.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
+    /// The live user behind a `target_id`. Hits are cached for `DIRECTORY_TTL`; misses are
+    /// not, so probing random ids cannot grow the cache.
     fn target(&self, user_id: i64) -> Result<Option<Target>, FrameError> {
         if let Some((at, t)) = self
             .directory
@@ -373,7 +390,7 @@ impl Hub {
             .get(&user_id)
         {
             if at.elapsed() < DIRECTORY_TTL {
-                return Ok(t.clone());
+                return Ok(Some(t.clone()));
             }
         }
         let row = self.store.user_by_id(user_id).map_err(|e| {
@@ -381,62 +398,33 @@ impl Hub {
             refuse("internal", "storage unavailable")
         })?;
         let t = row.filter(|u| !u.deleted).map(|u| Target { role: u.role });
-        self.directory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(user_id, (Instant::now(), t.clone()));
+        let mut dir = self.directory.lock().unwrap_or_else(|p| p.into_inner());
+        match &t {
+            Some(t) => {
+                if dir.len() >= DIRECTORY_MAX {
+                    dir.retain(|_, (at, _)| at.elapsed() < DIRECTORY_TTL);
+                }
+                dir.insert(user_id, (Instant::now(), t.clone()));
+            }
+            None => {
+                dir.remove(&user_id);
+            }
+        }
         Ok(t)
     }
 
-    // ----- delivery marks (store and forward) -------------------------------------------
+    // ----- store and forward -----------------------------------------------------------
 
-    fn mark_of(&self, user_id: i64) -> i64 {
-        if let Some(m) = self
-            .marks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&user_id)
-        {
-            return *m;
-        }
-        let m = self.store.delivered_mark(user_id).unwrap_or(0);
-        *self
-            .marks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(user_id)
-            .or_insert(m)
+    /// A writer flushed these stored frames to a connection of the user they address.
+    pub fn delivered(&self, ids: Vec<i64>) {
+        self.store.mark_delivered(ids);
     }
 
-    /// A writer flushed stored frames up to `id` to one of `user_id`'s connections.
-    pub fn delivered(&self, user_id: i64, id: i64) {
-        let current = self.mark_of(user_id);
-        if id <= current {
-            return;
-        }
-        let advanced = {
-            let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
-            let m = marks.entry(user_id).or_insert(current);
-            if id > *m {
-                *m = id;
-                true
-            } else {
-                false
-            }
-        };
-        if advanced {
-            self.store.mark_delivered(user_id, id);
-        }
-    }
-
-    /// Frames stored for a machine user while it was away, as outbound frames in id order.
+    /// Frames stored for a machine user and never written to any of its connections, as
+    /// outbound frames in id order.
     pub fn replay_for(&self, principal: &Principal) -> Vec<Outbound> {
-        let mark = self.mark_of(principal.id);
         let since = clock::format_ms(clock::now_ms() - REPLAY_MAX_AGE_MS);
-        let rows = match self
-            .store
-            .undelivered(principal.id, mark, &since, REPLAY_LIMIT)
-        {
+        let rows = match self.store.undelivered(principal.id, &since, REPLAY_LIMIT) {
             Ok(rows) => rows,
             Err(e) => {
                 crate::log_error!(
@@ -482,7 +470,7 @@ impl Hub {
         from: &Arc<Conn>,
         text: &str,
     ) -> Result<(), (FrameError, Option<String>)> {
-        let env = parse_envelope(text).map_err(|e| (e, None))?;
+        let env = parse_envelope(text)?;
         self.metrics.frame_in(env.kind);
         let local_id = env.local_id.clone();
         self.dispatch(from, env).map_err(|e| (e, local_id))
@@ -584,7 +572,7 @@ impl Hub {
         let me = &from.principal;
         let stored_type = matches!(env.kind, "CHAT" | "AUTH_REQUEST" | "AUTH_RESPONSE");
         let stored = if stored_type {
-            Some(self.store_chat(me, &env, target_id)?)
+            Some(self.store_chat(me, &env, target_id, !target.role.is_human())?)
         } else {
             None
         };
@@ -628,6 +616,7 @@ impl Hub {
         me: &Principal,
         env: &Envelope,
         target_id: i64,
+        forward: bool,
     ) -> Result<Stored, FrameError> {
         let payload = env
             .payload
@@ -642,6 +631,7 @@ impl Hub {
                 local_id: env.local_id.clone(),
                 stream_id: env.stream_id.clone(),
                 conversation_id: env.conversation_id,
+                forward,
             })
             .map_err(storage_failed)
     }
@@ -738,84 +728,47 @@ impl Hub {
     fn system_log(&self, from: &Arc<Conn>, env: Envelope) -> Result<(), FrameError> {
         let (level, content) = parse_log_payload(env.payload)?;
         let me = &from.principal;
-        let stored = self
-            .store
-            .insert_log(NewLog {
-                sender_id: Some(me.id),
-                agent_id: me.username.clone(),
-                level: level.clone(),
-                content: content.clone(),
-                local_id: env.local_id.clone(),
-            })
-            .map_err(storage_failed)?;
-        if stored.duplicate {
-            if me.role.is_human() {
-                let text = self.log_frame(
-                    me.id,
-                    &me.username,
-                    me.role.as_str(),
-                    &stored,
-                    &level,
-                    &content,
-                    env.local_id.as_deref(),
-                );
+        let log = NewLog {
+            sender_id: Some(me.id),
+            agent_id: me.username.clone(),
+            level,
+            content,
+            local_id: env.local_id.clone(),
+        };
+        let stored = self.post_log(me, &log).map_err(storage_failed)?;
+        if me.role.is_human() {
+            // The broadcast was the human's echo; a repeat gets the echo alone.
+            if stored.duplicate {
+                let text = self.log_frame(me, &log, &stored);
                 for c in self.conns_of(me.id) {
                     c.deliver(self, text.clone_for(None));
                 }
-            } else if let Some(local_id) = &env.local_id {
-                self.ack(from, local_id, &stored);
             }
-            return Ok(());
-        }
-        self.broadcast_log(
-            me.id,
-            &me.username,
-            me.role.as_str(),
-            &stored,
-            &level,
-            &content,
-            env.local_id.as_deref(),
-        );
-        if let (false, Some(local_id)) = (me.role.is_human(), &env.local_id) {
+        } else if let Some(local_id) = &env.local_id {
             self.ack(from, local_id, &stored);
         }
         Ok(())
     }
 
-    /// Fans a stored dashboard log out to every human connection (never to machines).
-    #[allow(clippy::too_many_arguments)]
-    pub fn broadcast_log(
-        &self,
-        sender_id: i64,
-        agent_id: &str,
-        role: &str,
-        stored: &Stored,
-        level: &str,
-        content: &str,
-        local_id: Option<&str>,
-    ) {
-        let text = self.log_frame(sender_id, agent_id, role, stored, level, content, local_id);
-        for c in self.humans() {
-            c.deliver(self, text.clone_for(None));
+    /// Stores a dashboard log and fans it out to every human connection (never to
+    /// machines). A repeated `local_id` stores nothing and is not broadcast again.
+    pub fn post_log(&self, sender: &Principal, log: &NewLog) -> Result<Stored, store::StoreError> {
+        let stored = self.store.insert_log(log.clone())?;
+        if !stored.duplicate {
+            let text = self.log_frame(sender, log, &stored);
+            for c in self.humans() {
+                c.deliver(self, text.clone_for(None));
+            }
         }
+        Ok(stored)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn log_frame(
-        &self,
-        sender_id: i64,
-        agent_id: &str,
-        role: &str,
-        stored: &Stored,
-        level: &str,
-        content: &str,
-        local_id: Option<&str>,
-    ) -> Shared {
+    fn log_frame(&self, sender: &Principal, log: &NewLog, stored: &Stored) -> Shared {
         let payload = wire::LogPayload {
             id: stored.id,
-            agent_id,
-            level,
-            content,
+            agent_id: &log.agent_id,
+            level: &log.level,
+            content: &log.content,
             timestamp: &stored.timestamp,
         };
         let payload = RawValue::from_string(serde_json::to_string(&payload).unwrap_or_default())
@@ -823,12 +776,12 @@ impl Hub {
         let frame = Frame {
             id: Some(stored.id),
             kind: "SYSTEM_LOG",
-            sender_id,
-            sender_name: agent_id,
-            sender_role: role,
+            sender_id: sender.id,
+            sender_name: &sender.username,
+            sender_role: sender.role.as_str(),
             target_id: None,
             payload: Some(&payload),
-            local_id,
+            local_id: log.local_id.as_deref(),
             stream_id: None,
             conversation_id: None,
             timestamp: &stored.timestamp,
@@ -850,7 +803,7 @@ impl Hub {
             stream_id: None,
             conversation_id: None,
         };
-        let stored = self.store_chat(me, &env, butler)?;
+        let stored = self.store_chat(me, &env, butler, true)?;
         let frame = self.frame_from(me, &env, Some(stored.id), &stored.timestamp);
         for c in self.conns_of(butler) {
             c.deliver(self, frame.clone_for(Some(stored.id)));
@@ -922,14 +875,28 @@ fn static_type(kind: &str) -> Option<&'static str> {
 }
 
 /// Parses and validates an envelope; see SPEC section 4 for the field rules.
-fn parse_envelope(text: &str) -> Result<Envelope<'_>, FrameError> {
-    let raw: wire::RawEnvelope = serde_json::from_str(text).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => refuse(
-            "bad_envelope",
-            "a frame must be a JSON object with a string type",
-        ),
-        _ => refuse("bad_json", "the frame is not valid JSON"),
+fn parse_envelope(text: &str) -> Result<Envelope<'_>, (FrameError, Option<String>)> {
+    let raw: wire::RawEnvelope = serde_json::from_str(text).map_err(|e| {
+        let err = match e.classify() {
+            serde_json::error::Category::Data => refuse(
+                "bad_envelope",
+                "a frame must be a JSON object with a string type",
+            ),
+            _ => refuse("bad_json", "the frame is not valid JSON"),
+        };
+        (err, None)
     })?;
+    // Errors about a readable envelope carry its local_id, so the client can match them.
+    let local_id = raw
+        .local_id
+        .as_ref()
+        .and_then(|v| v.as_str())
+        .filter(|s| !s.is_empty() && s.len() <= 128)
+        .map(str::to_string);
+    validate_envelope(raw).map_err(|e| (e, local_id))
+}
+
+fn validate_envelope(raw: wire::RawEnvelope<'_>) -> Result<Envelope<'_>, FrameError> {
     let kind = match &raw.kind {
         Some(serde_json::Value::String(s)) => s.as_str(),
         _ => return Err(refuse("bad_envelope", "type must be a string")),
@@ -1018,7 +985,7 @@ mod tests {
 
     #[test]
     fn envelope_errors_are_classified() {
-        let code = |t: &str| parse_envelope(t).err().map(|e| e.code);
+        let code = |t: &str| parse_envelope(t).err().map(|e| e.0.code);
         assert_eq!(code("{nope"), Some("bad_json"));
         assert_eq!(code("[1,2]"), Some("bad_envelope"));
         assert_eq!(code("{}"), Some("bad_envelope"));

@@ -208,7 +208,27 @@ fn jwt_secret(store: &Store, config: &Config) -> Result<Vec<u8>, String> {
 /// `echocenter serve`: runs until SIGINT/SIGTERM, then shuts down cleanly.
 pub fn serve(config: Config) -> Result<(), String> {
     crate::logging::set_level(config.log);
+    // Installed before anything is announced, so a SIGTERM right after "listening on"
+    // already gets the clean shutdown.
+    let signals = {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+            .map_err(|e| log_error!("cannot install signal handlers: {e}; running until killed"))
+            .ok()
+    };
     let store = open_store(&config)?;
+    // Tells the command-line tools which mode owns this database (they keep no raw token
+    // copies in a production database).
+    store
+        .set_setting(
+            "env",
+            if config.env == Environment::Production {
+                "production"
+            } else {
+                "development"
+            },
+        )
+        .map_err(|e| e.to_string())?;
     let keys = JwtKeys::new(jwt_secret(&store, &config)?, config.jwt_ttl);
     let listener = TcpListener::bind(&config.addr)
         .map_err(|e| format!("cannot listen on {}: {e}", config.addr))?;
@@ -261,26 +281,22 @@ pub fn serve(config: Config) -> Result<(), String> {
     println!("listening on {local}");
     let _ = io::stdout().flush();
 
-    wait_for_signal();
+    wait_for_signal(signals);
     shutdown(&app, local, &http);
     let _ = std::fs::remove_dir_all(&socket_dir);
     Ok(())
 }
 
-fn wait_for_signal() {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
-        Ok(mut signals) => {
+fn wait_for_signal(signals: Option<signal_hook::iterator::Signals>) {
+    match signals {
+        Some(mut signals) => {
             if let Some(sig) = signals.forever().next() {
                 log_info!("received signal {sig}, shutting down");
             }
         }
-        Err(e) => {
-            log_error!("cannot install signal handlers: {e}; running until killed");
-            loop {
-                std::thread::park();
-            }
-        }
+        None => loop {
+            std::thread::park();
+        },
     }
 }
 

@@ -3,7 +3,7 @@
 //! Two SQLite connections to one WAL database:
 //! - `conn`, behind a mutex, for REST reads and the rare administrative writes;
 //! - a dedicated writer thread that owns a second connection and commits the hot-path inserts
-//!   (chat frames, dashboard logs, delivery marks) in batches: one commit, one fsync, for
+//!   (chat frames, dashboard logs, delivery flags) in batches: one commit, one fsync, for
 //!   everything that queued up while the previous commit was running (group commit).
 //!
 //! A caller of `insert_chat`/`insert_log` blocks until its row is committed and so gets the
@@ -126,6 +126,8 @@ pub struct NewChat {
     pub local_id: Option<String>,
     pub stream_id: Option<String>,
     pub conversation_id: Option<i64>,
+    /// Whether store-and-forward must deliver it (the receiver is an agent or the Butler).
+    pub forward: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -149,7 +151,7 @@ pub struct Stored {
 enum Job {
     Chat(NewChat, Sender<Result<Stored>>),
     Log(NewLog, Sender<Result<Stored>>),
-    Mark(i64, i64),
+    Delivered(Vec<i64>),
     LastSeen(i64, String),
     Barrier(Sender<()>),
 }
@@ -456,18 +458,6 @@ impl Store {
         Ok(())
     }
 
-    pub fn delivered_mark(&self, user_id: i64) -> Result<i64> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT delivered_mark FROM users WHERE id = ?1",
-                [user_id],
-                |r| r.get(0),
-            )
-            .optional()?
-            .unwrap_or(0))
-    }
-
     // ----- dashboard logs ---------------------------------------------------------------
 
     pub fn logs(&self, q: &LogQuery) -> Result<Vec<LogRow>> {
@@ -518,22 +508,17 @@ impl Store {
         Ok(out)
     }
 
-    /// Stored CHAT/AUTH_* frames addressed to `user_id` above `mark`, newest `limit` not older
-    /// than `since`, in id order: what store-and-forward replays on connect.
-    pub fn undelivered(
-        &self,
-        user_id: i64,
-        mark: i64,
-        since: &str,
-        limit: i64,
-    ) -> Result<Vec<ChatRow>> {
+    /// Stored CHAT/AUTH_* frames addressed to `user_id` never written to any of its
+    /// connections: the newest `limit` not older than `since`, in id order. What
+    /// store-and-forward replays on connect.
+    pub fn undelivered(&self, user_id: i64, since: &str, limit: i64) -> Result<Vec<ChatRow>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(&format!(
-            "{CHAT_SELECT} WHERE receiver_id = ?1 AND id > ?2 AND timestamp >= ?3
+            "{CHAT_SELECT} WHERE receiver_id = ?1 AND delivered = 0 AND timestamp >= ?2
                AND type IN ('CHAT', 'AUTH_REQUEST', 'AUTH_RESPONSE')
-             ORDER BY id DESC LIMIT ?4"
+             ORDER BY id DESC LIMIT ?3"
         ))?;
-        let rows = stmt.query_map(params![user_id, mark, since, limit], chat_from_row)?;
+        let rows = stmt.query_map(params![user_id, since, limit], chat_from_row)?;
         let mut out: Vec<ChatRow> = rows.collect::<std::result::Result<_, _>>()?;
         out.reverse();
         Ok(out)
@@ -559,9 +544,12 @@ impl Store {
         rx.recv().map_err(|_| StoreError::Closed)?
     }
 
-    /// Records (asynchronously) that frames up to `id` reached one of `user_id`'s connections.
-    pub fn mark_delivered(&self, user_id: i64, id: i64) {
-        let _ = self.inner.jobs.send(Job::Mark(user_id, id));
+    /// Records (asynchronously) that these stored frames were written to a connection of
+    /// their receiver. A crash before the commit means they are sent again: at least once.
+    pub fn mark_delivered(&self, ids: Vec<i64>) {
+        if !ids.is_empty() {
+            let _ = self.inner.jobs.send(Job::Delivered(ids));
+        }
     }
 
     /// Records (asynchronously) when a machine user was last seen.
@@ -811,14 +799,19 @@ fn write_batch(conn: &mut Connection, batch: &[Job]) -> (Vec<Option<Result<Store
         }
     };
     let mut results = Vec::with_capacity(batch.len());
-    let mut marks: HashMap<i64, i64> = HashMap::new();
     for job in batch {
         let r = match job {
             Job::Chat(c, _) => Some(write_chat(&tx, c)),
             Job::Log(l, _) => Some(write_log(&tx, l)),
-            Job::Mark(user, id) => {
-                let e = marks.entry(*user).or_insert(0);
-                *e = (*e).max(*id);
+            Job::Delivered(ids) => {
+                for id in ids {
+                    if let Err(e) = tx
+                        .prepare_cached("UPDATE chat_messages SET delivered = 1 WHERE id = ?1")
+                        .and_then(|mut st| st.execute([id]))
+                    {
+                        crate::log_warn!("store: cannot record a delivery: {e}");
+                    }
+                }
                 None
             }
             Job::LastSeen(user, at) => {
@@ -833,14 +826,6 @@ fn write_batch(conn: &mut Connection, batch: &[Job]) -> (Vec<Option<Result<Store
             Job::Barrier(_) => None,
         };
         results.push(r);
-    }
-    for (user, id) in marks {
-        if let Err(e) = tx.execute(
-            "UPDATE users SET delivered_mark = MAX(delivered_mark, ?2) WHERE id = ?1",
-            params![user, id],
-        ) {
-            crate::log_warn!("store: cannot record a delivery mark: {e}");
-        }
     }
     match tx.commit() {
         Ok(()) => (results, true),
@@ -874,8 +859,8 @@ fn write_chat(tx: &rusqlite::Transaction, c: &NewChat) -> Result<Stored> {
     }
     let timestamp = clock::now_rfc3339();
     let mut stmt = tx.prepare_cached(
-        "INSERT INTO chat_messages (local_id, sender_id, receiver_id, type, content, stream_id, conversation_id, timestamp)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO chat_messages (local_id, sender_id, receiver_id, type, content, stream_id, conversation_id, timestamp, delivered)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
     stmt.execute(params![
         c.local_id,
@@ -885,7 +870,8 @@ fn write_chat(tx: &rusqlite::Transaction, c: &NewChat) -> Result<Stored> {
         c.payload,
         c.stream_id,
         c.conversation_id,
-        timestamp
+        timestamp,
+        !c.forward
     ])?;
     Ok(Stored {
         id: tx.last_insert_rowid(),

@@ -75,6 +75,13 @@ pub fn serve(app: &Arc<App>, mut stream: TcpStream, head: Head, leftover: Vec<u8
             return;
         }
     };
+    // A rotation or deletion that landed between authentication and registration would
+    // have missed this connection: check again now that it is registered.
+    if crate::ws::credentials_revoked(app, &conn.principal).is_some() {
+        app.hub.unregister(&conn);
+        respond_json(&mut stream, 401, r#"{"error":"invalid credentials"}"#, &[]);
+        return;
+    }
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
@@ -219,11 +226,14 @@ impl Write for ReadHalf {
 }
 
 /// Per-connection frame budget: a token bucket of `rate` per second with a burst of 2×.
+/// Per-connection frame budget: a token bucket of `rate` per second with a burst of 2×.
 struct RateLimit {
     rate: f64,
     tokens: f64,
     last: Instant,
+    /// Start of the current run of refusals; a run ends after a second with no refusal.
     limited_since: Option<Instant>,
+    last_refused: Option<Instant>,
 }
 
 impl RateLimit {
@@ -233,6 +243,7 @@ impl RateLimit {
             tokens: 2.0 * rate as f64,
             last: Instant::now(),
             limited_since: None,
+            last_refused: None,
         }
     }
 
@@ -241,16 +252,23 @@ impl RateLimit {
         self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate)
             .min(2.0 * self.rate);
         self.last = now;
+        if self
+            .last_refused
+            .is_some_and(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.limited_since = None;
+        }
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            self.limited_since = None;
             true
         } else {
             self.limited_since.get_or_insert(now);
+            self.last_refused = Some(now);
             false
         }
     }
 
+    /// Over the rate, with no second of calm, for `RATE_LIMITED_CLOSE_AFTER`.
     fn limited_too_long(&self) -> bool {
         self.limited_since
             .is_some_and(|t| t.elapsed() >= RATE_LIMITED_CLOSE_AFTER)
@@ -270,8 +288,16 @@ fn run_reader(app: &App, conn: &Arc<Conn>, mut ws: WebSocket<ReadHalf>) {
                 return;
             }
             Err(tungstenite::Error::Utf8(_)) => {
-                conn.close(1007, "invalid utf-8");
-                return;
+                // A text frame that is not UTF-8 is a bad frame, not a dead connection.
+                conn.touch();
+                send_error(hub, conn, "bad_json", "text frame is not valid UTF-8", None);
+                consecutive_errors += 1;
+                if consecutive_errors >= MAX_CONSECUTIVE_ERRORS {
+                    hub.metrics.limit("consecutive_errors");
+                    conn.close(1008, "too many errors");
+                    return;
+                }
+                continue;
             }
             Err(tungstenite::Error::Protocol(
                 tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
@@ -361,56 +387,9 @@ fn run_writer(
     mut ws: WebSocket<TcpStream>,
     replay: Vec<Outbound>,
 ) {
-    let hub = &app.hub;
-    let me = conn.principal.id;
-    // Frames already sent by the replay may also arrive live; send each id once.
+    // Frames sent by the replay may also arrive live; send each id once.
     let replayed_up_to = replay.iter().filter_map(|o| o.stored_id).max().unwrap_or(0);
-    let close_code = 'serve: {
-        if !replay.is_empty() {
-            let mut delivered = 0;
-            for frame in replay {
-                delivered = frame.stored_id.unwrap_or(delivered).max(delivered);
-                if ws.write(Message::Text(frame.text)).is_err() {
-                    break 'serve None;
-                }
-            }
-            if ws.flush().is_err() {
-                break 'serve None;
-            }
-            hub.delivered(me, delivered);
-        }
-        let ping_interval = app.config.ws_ping_interval;
-        let mut next_tick = Instant::now() + ping_interval;
-        loop {
-            let timeout = next_tick.saturating_duration_since(Instant::now());
-            select! {
-                recv(queues.ctl) -> ctl => match ctl {
-                    Ok(Control::Pong(data)) => {
-                        if ws.send(Message::Pong(data)).is_err() {
-                            break 'serve None;
-                        }
-                    }
-                    Ok(Control::Close(code, reason)) => break 'serve Some((code, reason)),
-                    Err(_) => break 'serve None,
-                },
-                recv(queues.out) -> first => {
-                    let Ok(first) = first else { break 'serve None };
-                    if write_batch(hub, conn, &mut ws, &queues, first, replayed_up_to).is_err() {
-                        break 'serve None;
-                    }
-                }
-                default(timeout) => {
-                    next_tick = Instant::now() + ping_interval;
-                    if let Some(close) = liveness_check(app, conn) {
-                        break 'serve Some(close);
-                    }
-                    if ws.send(Message::Ping(Default::default())).is_err() {
-                        break 'serve None;
-                    }
-                }
-            }
-        }
-    };
+    let close_code = serve_writes(app, conn, &queues, &mut ws, replay, replayed_up_to);
     let socket = ws.get_ref().try_clone();
     if let Some((code, reason)) = close_code {
         conn.close(code, reason);
@@ -437,12 +416,77 @@ fn run_writer(
             let _ = socket.shutdown(Shutdown::Both);
         }
     }
-    // Drain so queued byte counts stay truthful for anyone still looking.
-    while queues.out.try_recv().is_ok() {}
+    // Frames still queued were never written: their rows stay undelivered and are replayed
+    // on the next connect.
+    while let Ok(frame) = queues.out.try_recv() {
+        conn.dequeued(frame.text.len());
+    }
+}
+
+/// The writer's loop. Returns the close to send, or None when the socket failed.
+fn serve_writes(
+    app: &App,
+    conn: &Arc<Conn>,
+    queues: &ConnQueues,
+    ws: &mut WebSocket<TcpStream>,
+    replay: Vec<Outbound>,
+    replayed_up_to: i64,
+) -> Option<(u16, &'static str)> {
+    let hub = &app.hub;
+    if !replay.is_empty() {
+        let mut delivered = Vec::with_capacity(replay.len());
+        for frame in replay {
+            delivered.extend(frame.stored_id);
+            ws.write(Message::Text(frame.text)).ok()?;
+        }
+        ws.flush().ok()?;
+        hub.delivered(delivered);
+    }
+    let ping_interval = app.config.ws_ping_interval;
+    let mut next_ping = Instant::now() + ping_interval;
+    loop {
+        // The timer runs first on every turn, so a busy queue cannot starve pings, the
+        // silence check or the credential re-check.
+        let now = Instant::now();
+        if now >= next_ping {
+            next_ping = now + ping_interval;
+            if let Some(close) = liveness_check(app, conn) {
+                return Some(close);
+            }
+            ws.send(Message::Ping(Default::default())).ok()?;
+        }
+        let silence_deadline = silence_deadline(app, conn);
+        let timeout = next_ping
+            .min(silence_deadline)
+            .saturating_duration_since(Instant::now());
+        select! {
+            recv(queues.ctl) -> ctl => match ctl {
+                Ok(Control::Pong(data)) => ws.send(Message::Pong(data)).ok()?,
+                Ok(Control::Close(code, reason)) => return Some((code, reason)),
+                Err(_) => return None,
+            },
+            recv(queues.out) -> first => {
+                write_batch(hub, conn, ws, queues, first.ok()?, replayed_up_to).ok()?;
+            }
+            default(timeout) => {
+                if Instant::now() >= silence_deadline {
+                    hub.metrics.limit("ping_timeout");
+                    return Some((1011, "ping timeout"));
+                }
+            }
+        }
+    }
+}
+
+/// When the connection will have been silent for the idle timeout.
+fn silence_deadline(app: &App, conn: &Conn) -> Instant {
+    let silent_ms = (clock::now_ms() - conn.last_activity_ms.load(Relaxed)).max(0) as u64;
+    let limit = app.config.ws_idle_timeout;
+    Instant::now() + limit.saturating_sub(Duration::from_millis(silent_ms))
 }
 
 /// Writes `first` and whatever else is queued (up to a batch), then flushes once, then
-/// advances the delivery mark for stored frames addressed to this connection's user.
+/// records the stored frames addressed to this connection's user as delivered.
 fn write_batch(
     hub: &Hub,
     conn: &Conn,
@@ -451,16 +495,14 @@ fn write_batch(
     first: Outbound,
     replayed_up_to: i64,
 ) -> tungstenite::Result<()> {
-    let mut delivered = 0i64;
+    let mut delivered = Vec::new();
     let mut next = Some(first);
     let mut written = 0;
     while let Some(frame) = next.take() {
         conn.dequeued(frame.text.len());
         let skip = frame.stored_id.is_some_and(|id| id <= replayed_up_to);
         if !skip {
-            if let Some(id) = frame.stored_id {
-                delivered = delivered.max(id);
-            }
+            delivered.extend(frame.stored_id);
             ws.write(Message::Text(frame.text))?;
         }
         written += 1;
@@ -469,9 +511,7 @@ fn write_batch(
         }
     }
     ws.flush()?;
-    if delivered > 0 {
-        hub.delivered(conn.principal.id, delivered);
-    }
+    hub.delivered(delivered);
     Ok(())
 }
 
@@ -482,7 +522,11 @@ fn liveness_check(app: &App, conn: &Conn) -> Option<(u16, &'static str)> {
         app.hub.metrics.limit("ping_timeout");
         return Some((1011, "ping timeout"));
     }
-    let p = &conn.principal;
+    credentials_revoked(app, &conn.principal)
+}
+
+/// Why a session's credential no longer holds, if it does not.
+pub fn credentials_revoked(app: &App, p: &Principal) -> Option<(u16, &'static str)> {
     match &p.token_hash {
         // A machine: its token must still be the current one (rotation from the CLI).
         Some(hash) => match app.store.token_hash_of(p.id) {
@@ -491,11 +535,16 @@ fn liveness_check(app: &App, conn: &Conn) -> Option<(u16, &'static str)> {
             Ok(None) => Some((1008, "agent removed")),
             Err(_) => None,
         },
-        // A human: the account must still exist.
-        None => match app.store.user_by_id(p.id) {
-            Ok(Some(u)) if !u.deleted => None,
-            Ok(_) => Some((1008, "user removed")),
-            Err(_) => None,
-        },
+        // A human: the account must still exist and the JWT must not have expired.
+        None => {
+            if p.expires_at.is_some_and(|exp| exp <= clock::now_secs()) {
+                return Some((1008, "token expired"));
+            }
+            match app.store.user_by_id(p.id) {
+                Ok(Some(u)) if !u.deleted => None,
+                Ok(_) => Some((1008, "user removed")),
+                Err(_) => None,
+            }
+        }
     }
 }

@@ -78,6 +78,20 @@ fn every_malformed_frame_gets_its_error_code_and_the_connection_survives() {
     // local_id is echoed on errors where the envelope could be read.
     h.send_json(json!({"type": "CHAT", "target_id": 424242, "payload": "x", "local_id": "mine"}));
     assert_eq!(assert_error(&mut h, "target_not_found")["local_id"], "mine");
+    h.send_json(json!({"type": "TELEPORT", "local_id": "mine2"}));
+    assert_eq!(assert_error(&mut h, "unknown_type")["local_id"], "mine2");
+    h.send_json(json!({"type": "CHAT", "target_id": "x", "local_id": "mine3"}));
+    assert_eq!(assert_error(&mut h, "bad_envelope")["local_id"], "mine3");
+    // A text frame that is not UTF-8 is bad_json, and the connection stays open.
+    let bad = tungstenite::protocol::frame::Frame::message(
+        vec![b'{', 0xff, 0xfe, b'}'],
+        tungstenite::protocol::frame::coding::OpCode::Data(
+            tungstenite::protocol::frame::coding::Data::Text,
+        ),
+        true,
+    );
+    h.inner.send(Message::Frame(bad)).unwrap();
+    assert_error(&mut h, "bad_json");
     // Still usable.
     let mut agent = s.ws(&token);
     h.send_json(json!({"type": "CHAT", "target_id": agent_id, "payload": "still here"}));
@@ -170,4 +184,34 @@ fn frames_over_the_rate_are_dropped_with_rate_limited() {
     let rows = s.get("/api/messages?limit=200", &admin).json();
     let n = rows.as_array().unwrap().len();
     assert!((1..30).contains(&n), "{n} rows stored");
+}
+
+#[test]
+fn ten_seconds_continuously_over_the_rate_closes_with_1008() {
+    let s = Server::start_with(&["--max-frames-per-second", "2"], &[]);
+    let admin = s.admin_token();
+    let mut h = s.ws(&admin);
+    // A steady flood just over the rate: some frames get through every second, which must
+    // not reset the clock.
+    let started = std::time::Instant::now();
+    let code = loop {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "never closed"
+        );
+        if h.inner
+            .send(Message::text(r#"{"type":"SYSTEM_LOG","payload":"x"}"#))
+            .is_err()
+        {
+            break h.recv_close();
+        }
+        match h.inner.read() {
+            Ok(Message::Close(f)) => break f.map(|f| u16::from(f.code)),
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break None,
+            Ok(_) => {}
+        }
+    };
+    assert_eq!(code, Some(1008));
+    assert!(started.elapsed() >= std::time::Duration::from_secs(10));
 }

@@ -1,0 +1,142 @@
+//! Faults: a crash under load loses no acknowledged message and duplicates none; a database
+//! that cannot be written gives clear errors and the server keeps serving.
+mod common;
+use common::*;
+use serde_json::json;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[test]
+fn kill_9_under_load_keeps_every_acknowledged_message_exactly_once() {
+    let s = Server::start();
+    let admin = s.admin_token();
+    let agents: Vec<(i64, String)> = (0..4)
+        .map(|i| s.register_agent(&admin, &format!("load{i}")))
+        .collect();
+    let acked: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for (n, (_, token)) in agents.iter().enumerate() {
+        let mut ws = s.ws(token);
+        let (acked, stop) = (acked.clone(), stop.clone());
+        workers.push(std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let local_id = format!("a{n}-{i}");
+                if ws
+                    .inner
+                    .send(tungstenite::Message::text(
+                        json!({"type": "CHAT", "target_id": 1, "payload": i, "local_id": local_id})
+                            .to_string(),
+                    ))
+                    .is_err()
+                {
+                    return;
+                }
+                // Wait for this frame's ACK; a dead server ends the loop.
+                loop {
+                    match ws.inner.read() {
+                        Ok(tungstenite::Message::Text(t)) => {
+                            let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                            if v["type"] == "ACK" {
+                                acked.lock().unwrap().insert(
+                                    v["local_id"].as_str().unwrap().to_string(),
+                                    v["id"].as_i64().unwrap(),
+                                );
+                                break;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(tungstenite::Error::Io(e))
+                            if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => return,
+                    }
+                }
+                i += 1;
+            }
+        }));
+    }
+    s.wait_for("200 acknowledged messages", Duration::from_secs(30), || {
+        acked.lock().unwrap().len() >= 200
+    });
+    let mut s = s;
+    s.kill9();
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let s = s.restart(&[], &[]);
+    let admin = s.admin_token();
+    let mut seen_local: HashSet<String> = HashSet::new();
+    let mut stored: HashMap<String, i64> = HashMap::new();
+    for (id, _) in &agents {
+        let mut before: Option<i64> = None;
+        loop {
+            let path = match before {
+                Some(b) => format!("/api/chat/history/{id}?limit=500&before_id={b}"),
+                None => format!("/api/chat/history/{id}?limit=500"),
+            };
+            let rows = s.get(&path, &admin).json();
+            let rows = rows.as_array().unwrap();
+            if rows.is_empty() {
+                break;
+            }
+            for r in rows {
+                let local = r["local_id"].as_str().unwrap().to_string();
+                assert!(seen_local.insert(local.clone()), "duplicated {local}");
+                stored.insert(local, r["id"].as_i64().unwrap());
+            }
+            before = rows.first().and_then(|r| r["id"].as_i64());
+        }
+    }
+    for (local, id) in &acked {
+        assert_eq!(
+            stored.get(local),
+            Some(id),
+            "acknowledged {local} (id {id}) missing after kill -9"
+        );
+    }
+}
+
+#[test]
+fn a_locked_database_gives_internal_errors_and_the_server_recovers() {
+    let s = Server::start();
+    let admin = s.admin_token();
+    let (_, token) = s.register_agent(&admin, "patient");
+    let mut agent = s.ws(&token);
+    // Another process (a backup tool, say) holds the write lock longer than busy_timeout.
+    let blocker = rusqlite::Connection::open(&s.db).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    agent.send_json(
+        json!({"type": "CHAT", "target_id": 1, "payload": "try me", "local_id": "retry-1"}),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        assert!(std::time::Instant::now() < deadline, "no ERROR frame");
+        if let Some(v) = agent.recv_within(Duration::from_millis(500)) {
+            if v["type"] == "ERROR" {
+                break v;
+            }
+        }
+    };
+    assert_eq!(err["payload"]["code"], "internal");
+    assert_eq!(err["local_id"], "retry-1");
+    // REST reads still work while writes fail.
+    assert_eq!(s.get("/api/users/agents", &admin).status, 200);
+    blocker.execute_batch("ROLLBACK").unwrap();
+    drop(blocker);
+    // The same local_id, retried, is stored once.
+    agent.send_json(
+        json!({"type": "CHAT", "target_id": 1, "payload": "try me", "local_id": "retry-1"}),
+    );
+    let ack = agent.recv_type("ACK");
+    assert_eq!(ack["local_id"], "retry-1");
+    let log = s.stderr();
+    assert!(
+        log.contains("store:") || log.contains("storing a frame failed"),
+        "no log line about the failure: {log}"
+    );
+}
