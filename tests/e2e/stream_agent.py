@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""A small agent for the dashboard end-to-end test, written the way the integration guide
+tells agents to be written (websocket-client, one WebSocket, JSON frames).
+
+- On connect it sends a SYSTEM_LOG ("<name> online").
+- On every CHAT it answers the sender with the guide's streaming pattern: three CHAT_STREAM
+  chunks, then one final CHAT with the same stream_id (the only persisted part), then
+  CHAT_STREAM_END. It pauses --delay seconds between steps so a browser can watch the stream.
+  It also logs one SYSTEM_LOG per CHAT handled.
+- With --auth-request-to USER_ID (run it with the Butler's token) it also sends an
+  AUTH_REQUEST to that human and logs the AUTH_RESPONSE it gets back as a SYSTEM_LOG.
+
+It prints one line per event on stdout and exits 0 when the server closes the connection.
+"""
+
+import argparse
+import json
+import sys
+import time
+import uuid
+
+import websocket
+
+
+def say(line):
+    print(line, flush=True)
+
+
+def send(ws, frame):
+    ws.send(json.dumps(frame))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", required=True, help="server base, e.g. ws://127.0.0.1:8080")
+    ap.add_argument("--token", required=True)
+    ap.add_argument("--name", default="agent")
+    ap.add_argument("--delay", type=float, default=0.4)
+    ap.add_argument("--auth-request-to", type=int, default=0)
+    ap.add_argument("--command", default="systemctl restart storage")
+    args = ap.parse_args()
+
+    ws = websocket.create_connection(f"{args.url}/api/ws?token={args.token}")
+    say("connected")
+    send(ws, {"type": "SYSTEM_LOG", "payload": {"level": "SUCCESS", "content": f"{args.name} online"}})
+
+    if args.auth_request_to:
+        action_id = str(uuid.uuid4())
+        send(ws, {
+            "type": "AUTH_REQUEST",
+            "target_id": args.auth_request_to,
+            "local_id": str(uuid.uuid4()),
+            "payload": {
+                "action_id": action_id,
+                "target_agent_name": "Storage-Custodian",
+                "command": args.command,
+                "reason": "disk usage above 90%",
+                "status": "PENDING",
+            },
+        })
+        say(f"auth request {action_id}")
+
+    handled = 0
+    while True:
+        try:
+            raw = ws.recv()
+        except (websocket.WebSocketConnectionClosedException, ConnectionError, OSError):
+            break
+        if not raw:
+            break
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            continue
+        kind = msg.get("type")
+        if kind == "CHAT" and msg.get("sender_id"):
+            handled += 1
+            text = msg.get("payload")
+            if not isinstance(text, str):
+                text = json.dumps(text)
+            say(f"chat from {msg.get('sender_name')}: {text}")
+            to = msg["sender_id"]
+            stream_id = str(uuid.uuid4())
+            chunks = ["Echo: ", text, " (3 chunks)"]
+            for chunk in chunks:
+                send(ws, {"type": "CHAT_STREAM", "target_id": to, "stream_id": stream_id, "payload": chunk})
+                time.sleep(args.delay)
+            send(ws, {
+                "type": "CHAT",
+                "target_id": to,
+                "stream_id": stream_id,
+                "local_id": str(uuid.uuid4()),
+                "payload": "".join(chunks),
+            })
+            send(ws, {"type": "CHAT_STREAM_END", "target_id": to, "stream_id": stream_id, "payload": ""})
+            send(ws, {"type": "SYSTEM_LOG", "payload": {"level": "INFO", "content": f"{args.name} handled chat #{handled}"}})
+            say(f"replied on stream {stream_id}")
+        elif kind == "AUTH_RESPONSE":
+            p = msg.get("payload") or {}
+            verdict = "approved" if p.get("approved") else "rejected"
+            say(f"auth response {verdict}")
+            send(ws, {"type": "SYSTEM_LOG", "payload": {"level": "AUTH", "content": f"auth response received: {verdict}"}})
+        elif kind == "ERROR":
+            say(f"error frame: {json.dumps(msg.get('payload'))}")
+    say("closed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
