@@ -42,6 +42,9 @@ pub struct Config {
     pub ws_ping_interval: Duration,
     /// Silence after which a WebSocket is closed (SPEC: 60 s).
     pub ws_idle_timeout: Duration,
+    /// Test only: serve an unauthenticated echo WebSocket at `/api/ws-echo` so a protocol
+    /// conformance suite (Autobahn cases) can exercise our WebSocket stack.
+    pub conformance_echo: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -222,6 +225,7 @@ impl<'a> Loader<'a> {
             "ECHOCENTER_WS_IDLE_TIMEOUT",
             Duration::from_secs(60),
         )?;
+        let conformance_echo = self.args.contains("--conformance-echo");
         Ok(Config {
             addr,
             db,
@@ -240,6 +244,7 @@ impl<'a> Loader<'a> {
             sync,
             ws_ping_interval,
             ws_idle_timeout,
+            conformance_echo,
         })
     }
 

@@ -473,6 +473,8 @@ fn handle_connection(app: &Arc<App>, mut stream: TcpStream, peer: IpAddr, socket
     crate::log_debug!("{peer} {} {}", head.method, head.path);
     if head.path == "/api/ws" {
         crate::ws::serve(app, stream, head, leftover);
+    } else if head.path == crate::ws::ECHO_PATH && app.config.conformance_echo {
+        crate::ws::serve_echo(app, stream, head, leftover);
     } else {
         proxy(stream, head, leftover, peer, socket_path);
     }

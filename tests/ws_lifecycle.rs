@@ -41,6 +41,20 @@ fn upgrade_checks_answer_in_spec_order() {
 }
 
 #[test]
+fn the_conformance_echo_endpoint_exists_only_behind_its_flag() {
+    let s = Server::start();
+    let admin = s.admin_token();
+    let r = s.request("GET", "/api/ws-echo", Some(&admin), None);
+    assert_eq!(r.status, 404);
+    let s = Server::start_with(&["--conformance-echo"], &[]);
+    let stream = std::net::TcpStream::connect(&s.addr).unwrap();
+    let url = format!("ws://{}/api/ws-echo", s.addr);
+    let (mut ws, _) = tungstenite::client(url.as_str(), stream).unwrap();
+    ws.send(Message::text("echo me")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("echo me"));
+}
+
+#[test]
 fn the_connection_cap_answers_503_and_the_per_user_cap_429() {
     let s = Server::start_with(&["--max-connections", "3"], &[]);
     let admin = s.admin_token();
