@@ -979,6 +979,121 @@ pub fn normalize_level(level: Option<&str>) -> Option<String> {
     ok.then_some(level)
 }
 
+/// Property tests: the envelope parser is the first thing hostile input meets. They run in CI
+/// for a bounded number of cases (PROPTEST_CASES, default 256 per property); any failure
+/// proptest finds is kept as a regression test below.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(serde_json::Value::from),
+            ".{0,40}".prop_map(serde_json::Value::from),
+            prop::sample::select(
+                KNOWN_TYPES
+                    .iter()
+                    .chain(SERVER_ONLY_TYPES)
+                    .copied()
+                    .collect::<Vec<_>>()
+            )
+            .prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                prop::collection::btree_map(
+                    prop::sample::select(vec![
+                        "type",
+                        "target_id",
+                        "payload",
+                        "local_id",
+                        "stream_id",
+                        "conversation_id",
+                        "id",
+                        "sender_id",
+                        "x"
+                    ])
+                    .prop_map(String::from),
+                    inner,
+                    0..7
+                )
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// What any successful parse guarantees to the router.
+    fn check_invariants(text: &str) {
+        match parse_envelope(text) {
+            Ok(env) => {
+                assert!(KNOWN_TYPES.contains(&env.kind));
+                assert!(env.target_id >= 0);
+                assert!(env
+                    .local_id
+                    .as_ref()
+                    .is_none_or(|l| !l.is_empty() && l.len() <= 128));
+                assert!(env.stream_id.as_ref().is_none_or(|l| l.len() <= 128));
+            }
+            Err((e, local_id)) => {
+                assert!(
+                    crate::metrics::ERROR_CODES.contains(&e.code),
+                    "unknown code {}",
+                    e.code
+                );
+                assert!(!e.message.is_empty());
+                assert!(local_id.is_none_or(|l| l.len() <= 128));
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics_the_parser(text in ".{0,300}") {
+            check_invariants(&text);
+        }
+
+        #[test]
+        fn arbitrary_json_is_accepted_or_refused_with_a_spec_code(v in json_value()) {
+            let text = v.to_string();
+            check_invariants(&text);
+            // A well-formed frame of a known type is never refused as bad JSON.
+            if let Some(kind) = v.get("type").and_then(|t| t.as_str()) {
+                if let Err((e, _)) = parse_envelope(&text) {
+                    prop_assert_ne!(e.code, "bad_json", "{} {}", kind, text);
+                }
+            }
+        }
+
+        #[test]
+        fn mutated_valid_frames_never_panic(flips in prop::collection::vec((0usize..200, any::<u8>()), 1..8)) {
+            let mut bytes = br#"{"type":"CHAT","target_id":7,"payload":{"a":[1,2,"x"]},"local_id":"abc","stream_id":"s"}"#.to_vec();
+            for (at, b) in flips {
+                let i = at % bytes.len();
+                bytes[i] = b;
+            }
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                check_invariants(text);
+            }
+        }
+
+        #[test]
+        fn log_payloads_never_panic(v in json_value()) {
+            let raw = RawValue::from_string(v.to_string()).unwrap();
+            if let Ok((level, _)) = parse_log_payload(Some(&raw)) {
+                prop_assert!((1..=16).contains(&level.len()));
+                prop_assert!(level.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
