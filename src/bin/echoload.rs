@@ -1427,7 +1427,8 @@ fn closed_loop_human(
             Err(_) => break,
         }
     }
-    let _ = sp.ctl.shutdown(Shutdown::Both);
+    // The socket stays open (main holds a clone) until the server's CPU has been sampled:
+    // closing it here would end the server's threads for it and lose their CPU time.
     r
 }
 

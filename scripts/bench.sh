@@ -1,0 +1,251 @@
+#!/usr/bin/env bash
+# Load benchmark (issue #5). Builds release, starts a server on a temporary database, drives it
+# with `echoload` (src/bin/echoload.rs) at the sizes below, and prints a markdown table with the
+# targets next to the results. Everything runs on 127.0.0.1; everything it starts is stopped and
+# the temporary directory removed on exit. Takes about 3-4 minutes.
+#
+#   scripts/bench.sh                      # the standard run
+#   BENCH_CONNECT=10000 scripts/bench.sh  # 10,000 idle agents (see the note printed at the end)
+#
+# Raw results (one JSON line per scenario) are kept if BENCH_KEEP=1, else only printed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+connect_n=${BENCH_CONNECT:-5000}
+duration=${BENCH_DURATION:-10}
+metrics_token="bench-metrics-$$"
+
+echo "building release binaries..." >&2
+cargo build --release --quiet --bin echocenter --bin echoload
+server_bin=target/release/echocenter
+load_bin=target/release/echoload
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/echocenter-bench.XXXXXX")
+results="$work/results.jsonl"
+server_pid=""
+cleanup() {
+  if [ -n "$server_pid" ]; then
+    kill "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+  fi
+  if [ "${BENCH_KEEP:-0}" = 1 ]; then
+    echo "kept $work" >&2
+  else
+    rm -rf "$work"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Every WebSocket connection costs the server a few file descriptors; take what we may.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+# start_server NAME SYNC [extra flags...]: sets $server_pid and $addr.
+start_server() {
+  local name=$1 sync=$2
+  shift 2
+  "$server_bin" --addr 127.0.0.1:0 --db "$work/$name.db" --sync "$sync" \
+    --max-frames-per-second 100000 --metrics-token "$metrics_token" "$@" \
+    >"$work/$name.out" 2>"$work/$name.err" &
+  server_pid=$!
+  for _ in $(seq 100); do
+    addr=$(sed -n 's/^listening on //p' "$work/$name.out")
+    [ -n "$addr" ] && return 0
+    kill -0 "$server_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "server $name did not start:" >&2
+  cat "$work/$name.err" >&2
+  exit 1
+}
+
+stop_server() {
+  kill "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+  server_pid=""
+}
+
+# run LABEL SCENARIO [args...]: one echoload run; its JSON line goes to $results with the label.
+run() {
+  local label=$1
+  shift
+  echo "== $label: echoload $*" >&2
+  local line
+  line=$("$load_bin" "$@" --addr "$addr" --server-pid "$server_pid" \
+    --metrics-token "$metrics_token" 2>>"$work/echoload.err") || true
+  if [ -z "$line" ]; then
+    line='{"error":"echoload printed nothing"}'
+  fi
+  printf '{"label":"%s","run":%s}\n' "$label" "$line" >>"$results"
+}
+
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+
+extra=()
+if [ "$connect_n" -gt 9000 ]; then
+  extra=(--max-connections $((connect_n + 1000)))
+fi
+start_server full full "${extra[@]}"
+run connect connect --agents "$connect_n" --duration "$duration"
+run chat chat --rate 5000 --humans 16 --agents 50 --duration "$duration"
+run closed-full chat --closed-loop 256 --humans 32 --agents 50 --duration "$duration"
+run logs-200 logs --agents 200 --rate 10 --dashboards 3 --duration "$duration"
+run logs-500 logs --agents 500 --rate 20 --dashboards 3 --duration "$duration"
+run stream stream --rate 200 --chunks 10 --humans 8 --agents 20 --duration "$duration"
+grep -E ' WARN | ERROR ' "$work/full.err" | grep -v 'bootstrap:' | head -20 >"$work/warnings" || true
+stop_server
+
+start_server normal normal
+run closed-normal chat --closed-loop 256 --humans 32 --agents 50 --duration "$duration"
+grep -E ' WARN | ERROR ' "$work/normal.err" | grep -v 'bootstrap:' | head -20 >>"$work/warnings" || true
+stop_server
+
+load_end=$(cut -d' ' -f1-3 /proc/loadavg)
+fs=$(df -T "$work" | awk 'NR==2 {print $2}')
+
+python3 - "$results" "$work/warnings" "$work/echoload.err" <<EOF
+import json, sys
+
+runs = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    runs[r["label"]] = r["run"]
+
+def g(d, *path, default=None):
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return default
+        d = d[p]
+    return d
+
+def lat(d):
+    if not d or not d.get("n"):
+        return "-"
+    return "%.2f / %.2f / %.2f / %.1f" % (d["p50_ms"], d["p90_ms"], d["p99_ms"], d["max_ms"])
+
+def verdict(ok):
+    return "yes" if ok else "**no**"
+
+def cpu(r):
+    o = r.get("observed", {})
+    parts = ", ".join("%s %.0f" % (k, v) for k, v in sorted(o.get("server_cpu_pct_by_thread", {}).items(), key=lambda kv: -kv[1]) if v >= 1)
+    m = o.get("metrics", {})
+    db = ""
+    if m.get("db_commits"):
+        db = "%.1f rows/commit, %.2f ms/commit, writer busy %.0f%%" % (m["db_rows_per_commit"], m["db_commit_ms_avg"], m["db_commit_busy_pct"])
+    server = "%s%%" % o.get("server_cpu_pct", "-")
+    if parts:
+        server += " (%s)" % parts
+    return server, "%s%%" % o.get("client_cpu_pct", "-"), db
+
+print()
+print("Machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM; database on $fs (temp dir); load average $load_start at start, $load_end at end.")
+print("Server: release build, --sync full unless noted, --max-frames-per-second 100000. Client and server share the machine.")
+print()
+print("| scenario | load | result | latency p50 / p90 / p99 / max (ms) | target | met |")
+print("| --- | --- | --- | --- | --- | --- |")
+
+r = runs.get("connect", {})
+if "error" in r:
+    print("| connect | $connect_n idle agents | error: %s | - | <= 64 KiB/conn | **no** |" % r["error"])
+elif r:
+    kib = r.get("kib_per_conn")
+    print("| connect | %d idle agents, held %ss | %d connected, %d failed, %d dropped; %.0f connects/s; RSS %s -> %s KiB, %s threads | - | <= 64 KiB RSS per idle connection: **%s KiB** | %s |" % (
+        r["agents"], r["hold_s"], r["connected"], r["failed"], r["dropped_during_hold"], r["connects_per_s"],
+        r.get("server_rss_before_kib"), r.get("server_rss_held_kib"), r.get("server_threads_held"), kib,
+        verdict(kib is not None and kib <= 64 and r["failed"] == 0 and r["dropped_during_hold"] == 0)))
+
+def chat_row(label, name, target):
+    r = runs.get(label, {})
+    if not r:
+        return
+    if "error" in r:
+        print("| %s | - | error: %s | - | %s | **no** |" % (name, r["error"], target))
+        return
+    if r["mode"] == "open":
+        load = "%d humans -> %d agents, %d rt/s offered, %ss" % (r["humans"], r["agents"], r["rate_offered"], r["duration_s"])
+        ok = r["lost"] == 0 and r["duplicated"] == 0 and g(r, "latency", "p99_ms", default=1e9) <= 10
+    else:
+        load = "%d humans -> %d agents, %d in flight, %ss (%ss warm-up)" % (r["humans"], r["agents"], r["closed_loop"], r["duration_s"], r["warmup_s"])
+        ok = r["rt_per_s"] >= 15000 and r["lost"] == 0 and r["duplicated"] == 0
+    res = "**%.0f rt/s**; sent %d, lost %d, dup %d; echo lost %d, dup %d" % (
+        r["rt_per_s"], r["sent"], r["lost"], r["duplicated"], r["echo"]["lost"], r["echo"]["duplicated"])
+    if r["mode"] == "open":
+        res += "; client send lag max %.1f ms" % r["max_send_lag_ms"]
+    if r.get("errors"):
+        res += "; errors %s" % r["errors"]
+    print("| %s | %s | %s | %s | %s | %s |" % (name, load, res, lat(r.get("latency")), target, verdict(ok)))
+
+chat_row("chat", "chat (open loop)", "p99 <= 10 ms, 0 lost, 0 dup")
+chat_row("closed-full", "chat closed loop, sync full", ">= 15,000 rt/s")
+chat_row("closed-normal", "chat closed loop, sync normal", ">= 15,000 rt/s")
+
+def logs_row(label, target, p99_target):
+    r = runs.get(label, {})
+    if not r:
+        return
+    if "error" in r:
+        print("| logs | - | error: %s | - | %s | **no** |" % (r["error"], target))
+        return
+    per = ", ".join("%d/%d" % (d["delivered"], d["sent"]) for d in r["per_dashboard"])
+    load = "%d agents x %g/s -> %d dashboards, %ss" % (r["agents"], r["rate_per_agent"], r["dashboards"], r["duration_s"])
+    res = "delivered/sent per dashboard %s; lost %d, dup %d; client send lag max %.1f ms" % (per, r["lost"], r["duplicated"], r["max_send_lag_ms"])
+    if r.get("errors_to_agents"):
+        res += "; errors %s" % r["errors_to_agents"]
+    ok = r["lost"] == 0 and r["duplicated"] == 0 and (p99_target is None or g(r, "latency", "p99_ms", default=1e9) <= p99_target)
+    print("| logs | %s | %s | %s | %s | %s |" % (load, res, lat(r.get("latency")), target, verdict(ok) if p99_target else ("yes" if ok else "**loss**")))
+
+logs_row("logs-200", "0 loss, p99 <= 20 ms", 20)
+logs_row("logs-500", "(no target; 0 loss expected)", None)
+
+r = runs.get("stream", {})
+if r and "error" not in r:
+    load = "%d humans -> %d agents, %d streams/s x %d chunks, %ss" % (r["humans"], r["agents"], r["rate_offered"], r["chunks_per_stream"], r["duration_s"])
+    res = "%d/%d streams complete, chunks %d/%d, order kept: %s (%d violations), lost %d, dup %d; stream p99 %.2f ms" % (
+        r["answered"], r["sent"], r["chunks_received"], r["chunks_expected"], r["order_kept"], r["order_violations"], r["lost"], r["duplicated"], g(r, "stream_latency", "p99_ms", default=-1))
+    print("| stream | %s | %s | chunk: %s | (no target; order kept, 0 lost) | %s |" % (load, res, lat(r.get("chunk_latency")), verdict(r["order_kept"] and r["lost"] == 0)))
+elif r:
+    print("| stream | - | error: %s | - | - | **no** |" % r["error"])
+
+print()
+print("Where the time went (server CPU % of one core, by thread kind; client = echoload):")
+print()
+print("| scenario | server CPU | client CPU | database |")
+print("| --- | --- | --- | --- |")
+for label in ["connect", "chat", "closed-full", "closed-normal", "logs-200", "logs-500", "stream"]:
+    r = runs.get(label)
+    if r and "error" not in r:
+        s, c, db = cpu(r)
+        print("| %s | %s | %s | %s |" % (label, s, c, db))
+
+warnings = open(sys.argv[2]).read().strip()
+if warnings:
+    print()
+    print("Server warnings/errors seen (first lines):")
+    print()
+    for w in warnings.splitlines():
+        print("    " + w)
+errs = [l for l in open(sys.argv[3]).read().splitlines() if "failed" in l or "error" in l.lower()]
+if errs:
+    print()
+    print("echoload problems:")
+    for e in errs[:10]:
+        print("    " + e)
+print()
+print("Raw results, one JSON line per scenario:")
+print()
+for label, r in runs.items():
+    print("    %s %s" % (label, json.dumps(r, sort_keys=True)))
+EOF
+
+cat <<EOF
+
+10,000 idle agents: the server uses 2 threads and 3 file descriptors per WebSocket, so 10,000
+connections need ~20,000 server threads (more memory maps than the default vm.max_map_count=65530
+allows) and ~30,000 descriptors. As root, raise the limits, then rerun with BENCH_CONNECT:
+    sysctl -w vm.max_map_count=262144 kernel.pid_max=4194304
+    ulimit -n 65536        # hard limit too: see /etc/security/limits.conf or systemd LimitNOFILE
+    BENCH_CONNECT=10000 scripts/bench.sh
+(or just the connect scenario against a running server:
+    target/release/echoload connect --agents 10000 --addr 127.0.0.1:PORT --server-pid PID)
+EOF
