@@ -65,7 +65,6 @@ CREATE TABLE chat_messages (
 );
 CREATE UNIQUE INDEX chat_sender_local ON chat_messages (sender_id, local_id) WHERE local_id IS NOT NULL;
 CREATE INDEX chat_pair ON chat_messages (sender_id, receiver_id, id);
-CREATE INDEX chat_receiver ON chat_messages (receiver_id, id);
 CREATE INDEX chat_undelivered ON chat_messages (receiver_id, id) WHERE delivered = 0;
 
 CREATE TABLE settings (

@@ -99,6 +99,59 @@ pub fn token_hint(token: &str) -> String {
 }
 
 pub fn hash_password(password: &str) -> String {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let job = PasswordJob::Hash(password.to_string(), tx);
+    on_password_thread(job);
+    // The password thread answers every job it takes, and it never exits.
+    rx.recv().expect("password thread answers")
+}
+
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    on_password_thread(PasswordJob::Verify(
+        password.to_string(),
+        hash.to_string(),
+        tx,
+    ));
+    rx.recv().unwrap_or(false)
+}
+
+enum PasswordJob {
+    Hash(String, crossbeam_channel::Sender<String>),
+    Verify(String, String, crossbeam_channel::Sender<bool>),
+}
+
+/// Every argon2 computation runs on one thread. argon2id takes 19 MiB of working memory per
+/// hash, and glibc keeps a freed buffer of that size in the arena of the thread that used it:
+/// hashing on whichever HTTP worker got the login left hundreds of MiB resident after a few
+/// logins (measured). One thread means one such buffer. It also bounds the CPU that password
+/// guessing can take to one core.
+fn on_password_thread(job: PasswordJob) {
+    static JOBS: std::sync::OnceLock<crossbeam_channel::Sender<PasswordJob>> =
+        std::sync::OnceLock::new();
+    let jobs = JOBS.get_or_init(|| {
+        let (tx, rx) = crossbeam_channel::unbounded::<PasswordJob>();
+        std::thread::Builder::new()
+            .name("passwords".into())
+            .spawn(move || {
+                for job in rx {
+                    match job {
+                        PasswordJob::Hash(password, reply) => {
+                            let _ = reply.send(hash_now(&password));
+                        }
+                        PasswordJob::Verify(password, hash, reply) => {
+                            let _ = reply.send(verify_now(&password, &hash));
+                        }
+                    }
+                }
+            })
+            .expect("cannot start the password thread");
+        tx
+    });
+    let _ = jobs.send(job);
+}
+
+fn hash_now(password: &str) -> String {
     // 16 random bytes always encode to a valid salt.
     let salt = SaltString::encode_b64(&random_bytes::<16>()).expect("16-byte salt is valid");
     Argon2::default()
@@ -108,7 +161,7 @@ pub fn hash_password(password: &str) -> String {
         .to_string()
 }
 
-pub fn verify_password(password: &str, hash: &str) -> bool {
+fn verify_now(password: &str, hash: &str) -> bool {
     match PasswordHash::new(hash) {
         Ok(parsed) => Argon2::default()
             .verify_password(password.as_bytes(), &parsed)

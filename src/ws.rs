@@ -159,12 +159,10 @@ fn run_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-    let (write_stream, read_stream) = match (stream.try_clone(), stream.try_clone()) {
-        (Ok(w), Ok(r)) => (w, r),
-        _ => {
-            app.hub.unregister(&conn);
-            return;
-        }
+    // Two descriptors per connection: the writer's clone and the reader's original.
+    let Ok(write_stream) = stream.try_clone() else {
+        app.hub.unregister(&conn);
+        return;
     };
     let replay = if first && !conn.principal.role.is_human() {
         app.hub.replay_for(&conn.principal)
@@ -192,17 +190,17 @@ fn run_connection(
             return;
         }
     };
-    let ws = WebSocket::from_partially_read(
-        ReadHalf(read_stream),
+    let mut ws = WebSocket::from_partially_read(
+        ReadHalf(stream),
         leftover,
         WsRole::Server,
         Some(ws_config(app)),
     );
-    run_reader(app, &conn, ws);
+    run_reader(app, &conn, &mut ws);
     // Whatever ended the reader, make sure the writer ends too, then leave the registry.
     conn.close(1000, "");
     let _ = writer.join();
-    let _ = stream.shutdown(Shutdown::Both);
+    let _ = ws.get_ref().0.shutdown(Shutdown::Both);
     app.hub.unregister(&conn);
     log_debug!("ws: connection {} closed", conn.id);
 }
@@ -275,7 +273,7 @@ impl RateLimit {
     }
 }
 
-fn run_reader(app: &App, conn: &Arc<Conn>, mut ws: WebSocket<ReadHalf>) {
+fn run_reader(app: &App, conn: &Arc<Conn>, ws: &mut WebSocket<ReadHalf>) {
     let hub = &app.hub;
     let mut rate = RateLimit::new(app.config.max_frames_per_second);
     let mut consecutive_errors = 0u32;
@@ -390,7 +388,6 @@ fn run_writer(
     // Frames sent by the replay may also arrive live; send each id once.
     let replayed_up_to = replay.iter().filter_map(|o| o.stored_id).max().unwrap_or(0);
     let close_code = serve_writes(app, conn, &queues, &mut ws, replay, replayed_up_to);
-    let socket = ws.get_ref().try_clone();
     if let Some((code, reason)) = close_code {
         conn.close(code, reason);
         let frame = CloseFrame {
@@ -405,16 +402,12 @@ fn run_writer(
         }
         // Half-close so the peer can still read our close frame and answer it; the reader
         // (blocked in read) ends on that answer, or on this deadline for a silent peer.
-        if let Ok(socket) = &socket {
-            let _ = socket.set_read_timeout(Some(CLOSE_GRACE));
-            let _ = socket.shutdown(Shutdown::Write);
-        }
+        let _ = ws.get_ref().set_read_timeout(Some(CLOSE_GRACE));
+        let _ = ws.get_ref().shutdown(Shutdown::Write);
     } else {
         conn.close(1006, "");
         // The peer is gone: wake the reader, which is blocked in read().
-        if let Ok(socket) = &socket {
-            let _ = socket.shutdown(Shutdown::Both);
-        }
+        let _ = ws.get_ref().shutdown(Shutdown::Both);
     }
     // Frames still queued were never written: their rows stay undelivered and are replayed
     // on the next connect.
