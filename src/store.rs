@@ -846,10 +846,10 @@ fn run_writer(mut conn: Connection, rx: Receiver<Job>, stats: Arc<WriterStats>) 
             };
             match (job, result) {
                 (Job::Chat(_, reply), Some(r)) | (Job::Log(_, reply), Some(r)) => {
-                    let _ = reply.send(r);
+                    reply.send(r);
                 }
                 (Job::Barrier(done), _) => {
-                    let _ = done.send(());
+                    done.send(());
                 }
                 _ => {}
             }
