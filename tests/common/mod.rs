@@ -117,6 +117,9 @@ impl Server {
         ] {
             cmd.env_remove(var);
         }
+        // The server's private socket directory goes inside the test's own directory, so a
+        // SIGKILLed server leaves nothing behind in the machine's /tmp.
+        cmd.env("TMPDIR", dir.path());
         for (k, v) in envs {
             cmd.env(k, v);
         }
