@@ -5,7 +5,7 @@
 # builds the server; runs the test. Exits non-zero on failure. The last line of output is
 # "N passed, N failed". Never downloads a browser of Playwright's own.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 fail() { echo "e2e: $*" >&2; echo "0 passed, 1 failed"; exit 1; }
