@@ -607,16 +607,7 @@ fn register_agent(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
     if !auth::valid_username(username) {
         return Err(Reply::error(400, "invalid username"));
     }
-    let token = match req
-        .api_token
-        .as_deref()
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-    {
-        Some(t) if auth::valid_supplied_token(t) => t.to_string(),
-        Some(_) => return Err(Reply::error(400, "invalid api_token")),
-        None => auth::generate_token(),
-    };
+    let token = supplied_or_new_token(req.api_token.as_deref())?;
     let kind = |v: &Option<String>, default: &str| {
         v.as_deref()
             .map(|s| s.trim().to_lowercase())
@@ -638,6 +629,15 @@ fn register_agent(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
     let mut view = single_view(ctx, row)?;
     view.api_token = Some(token);
     Ok(Reply::json(201, &view))
+}
+
+/// A caller-supplied token (validated), or a fresh one when none was given.
+fn supplied_or_new_token(supplied: Option<&str>) -> Result<String> {
+    match supplied.map(str::trim).filter(|t| !t.is_empty()) {
+        Some(t) if auth::valid_supplied_token(t) => Ok(t.to_string()),
+        Some(_) => Err(Reply::error(400, "invalid api_token")),
+        None => Ok(auth::generate_token()),
+    }
 }
 
 fn test_connection(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
@@ -695,16 +695,7 @@ fn rotate_token(ctx: &Ctx, raw_id: &str, body: &mut dyn Read) -> Result<Reply> {
         parse_body(&bytes)?
     };
     let user = machine_target(ctx, raw_id, true)?;
-    let token = match req
-        .api_token
-        .as_deref()
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-    {
-        Some(t) if auth::valid_supplied_token(t) => t.to_string(),
-        Some(_) => return Err(Reply::error(400, "invalid api_token")),
-        None => auth::generate_token(),
-    };
+    let token = supplied_or_new_token(req.api_token.as_deref())?;
     ctx.app
         .store
         .rotate_token(user.id, &token, !ctx.app.production())?;
