@@ -75,6 +75,7 @@ pub struct Conn {
     queued_frames: AtomicUsize,
     queued_bytes: AtomicUsize,
     closing: AtomicBool,
+    reader_done: AtomicBool,
     /// Milliseconds since the epoch of the last frame from the client (or of the connect).
     pub last_activity_ms: AtomicI64,
 }
@@ -127,6 +128,15 @@ impl Conn {
 
     pub fn is_closing(&self) -> bool {
         self.closing.load(Relaxed)
+    }
+
+    /// The reader thread has stopped reading (the peer answered our close, or left).
+    pub fn mark_reader_done(&self) {
+        self.reader_done.store(true, Relaxed);
+    }
+
+    pub fn reader_done(&self) -> bool {
+        self.reader_done.load(Relaxed)
     }
 
     /// Sends a pong through the writer (the reader never writes to the socket). A ping
@@ -254,6 +264,7 @@ impl Hub {
             queued_frames: AtomicUsize::new(0),
             queued_bytes: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
+            reader_done: AtomicBool::new(false),
             last_activity_ms: AtomicI64::new(clock::now_ms()),
         });
         // Held across the registry change and its PRESENCE frame, so that a last close and

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,6 +39,103 @@ pub struct App {
     pub logins: auth::LoginLimiter,
     pub shutting_down: AtomicBool,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    http: HttpLayer,
+}
+
+/// tiny_http behind the private Unix socket, restartable.
+///
+/// tiny_http's own accept thread panics when it cannot clone an accepted descriptor (out of
+/// file descriptors: `try_clone().unwrap()` in its `refined_tcp_stream.rs`), and its listener
+/// dies with it. Our accept loop survives descriptor exhaustion, so the REST side must too:
+/// when the socket stops answering, the next request starts a fresh tiny_http on a new socket
+/// and releases the old one's workers.
+struct HttpLayer {
+    dir: PathBuf,
+    current: Mutex<Option<(Arc<tiny_http::Server>, PathBuf)>>,
+    restarting: Mutex<()>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl HttpLayer {
+    fn new(dir: PathBuf) -> HttpLayer {
+        HttpLayer {
+            dir,
+            current: Mutex::new(None),
+            restarting: Mutex::new(()),
+            generation: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn current_path(&self) -> Option<PathBuf> {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        current.as_ref().map(|(_, path)| path.clone())
+    }
+
+    /// Starts tiny_http and its workers on a new socket; retires the previous instance.
+    fn start(&self, app: &Arc<App>) -> io::Result<PathBuf> {
+        let n = self.generation.fetch_add(1, Relaxed);
+        let path = self.dir.join(format!("http-{n}.sock"));
+        let server = Arc::new(tiny_http::Server::http_unix(&path).map_err(io::Error::other)?);
+        for i in 0..HTTP_WORKERS {
+            let (app, server) = (app.clone(), server.clone());
+            std::thread::Builder::new()
+                .name(format!("http-{i}"))
+                .spawn(move || {
+                    while let Ok(request) = server.recv() {
+                        crate::http::handle(&app, request);
+                    }
+                })?;
+        }
+        let old = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace((server, path.clone()));
+        if let Some((old, old_path)) = old {
+            old.unblock();
+            let _ = std::fs::remove_file(old_path);
+        }
+        Ok(path)
+    }
+
+    /// A connection to tiny_http, restarting it if its socket no longer answers.
+    fn connect(&self, app: &Arc<App>) -> io::Result<UnixStream> {
+        let dead = |e: &io::Error| {
+            matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+            )
+        };
+        if let Some(path) = self.current_path() {
+            match UnixStream::connect(&path) {
+                Err(e) if dead(&e) => {}
+                other => return other,
+            }
+        }
+        let _one_at_a_time = self.restarting.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(Ok(s)) = self.current_path().map(UnixStream::connect) {
+            return Ok(s);
+        }
+        if app.shutting_down.load(Relaxed) {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                "shutting down",
+            ));
+        }
+        log_warn!("the HTTP layer stopped answering; restarting it");
+        UnixStream::connect(self.start(app)?)
+    }
+
+    fn stop(&self) {
+        if let Some((server, _)) = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            server.unblock();
+        }
+    }
 }
 
 impl App {
@@ -234,6 +331,7 @@ pub fn serve(config: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", config.addr))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let hub = Hub::new(store.clone(), Arc::new(Metrics::default()));
+    let socket_dir = private_dir()?;
     let app = Arc::new(App {
         config,
         store,
@@ -242,30 +340,16 @@ pub fn serve(config: Config) -> Result<(), String> {
         logins: auth::LoginLimiter::default(),
         shutting_down: AtomicBool::new(false),
         per_ip: Mutex::new(HashMap::new()),
+        http: HttpLayer::new(socket_dir.clone()),
     });
-
-    let socket_dir = private_dir()?;
-    let socket_path = socket_dir.join("http.sock");
-    let http = Arc::new(
-        tiny_http::Server::http_unix(&socket_path)
-            .map_err(|e| format!("cannot start the HTTP layer: {e}"))?,
-    );
-    for i in 0..HTTP_WORKERS {
-        let (app, http) = (app.clone(), http.clone());
-        std::thread::Builder::new()
-            .name(format!("http-{i}"))
-            .spawn(move || {
-                while let Ok(request) = http.recv() {
-                    crate::http::handle(&app, request);
-                }
-            })
-            .map_err(|e| e.to_string())?;
-    }
+    app.http
+        .start(&app)
+        .map_err(|e| format!("cannot start the HTTP layer: {e}"))?;
     {
-        let (app, socket_path) = (app.clone(), socket_path.clone());
+        let app = app.clone();
         std::thread::Builder::new()
             .name("accept".into())
-            .spawn(move || accept_loop(app, listener, socket_path))
+            .spawn(move || accept_loop(app, listener))
             .map_err(|e| e.to_string())?;
     }
     log_info!(
@@ -282,7 +366,7 @@ pub fn serve(config: Config) -> Result<(), String> {
     let _ = io::stdout().flush();
 
     wait_for_signal(signals);
-    shutdown(&app, local, &http);
+    shutdown(&app, local);
     let _ = std::fs::remove_dir_all(&socket_dir);
     Ok(())
 }
@@ -300,7 +384,7 @@ fn wait_for_signal(signals: Option<signal_hook::iterator::Signals>) {
     }
 }
 
-fn shutdown(app: &Arc<App>, local: SocketAddr, http: &tiny_http::Server) {
+fn shutdown(app: &Arc<App>, local: SocketAddr) {
     app.shutting_down.store(true, Relaxed);
     // Wake the accept loop so it sees the flag.
     let wake = if local.ip().is_unspecified() {
@@ -317,7 +401,7 @@ fn shutdown(app: &Arc<App>, local: SocketAddr, http: &tiny_http::Server) {
     // Every frame that was acknowledged is already committed; this commits the rest
     // (delivery marks, last-seen times).
     app.store.flush();
-    http.unblock();
+    app.http.stop();
     log_info!("shutdown complete");
 }
 
@@ -337,7 +421,7 @@ fn private_dir() -> Result<PathBuf, String> {
 
 /// Accepts forever. An accept error (say, out of file descriptors) is logged and retried
 /// after a pause; it never ends the loop.
-fn accept_loop(app: Arc<App>, listener: TcpListener, socket_path: PathBuf) {
+fn accept_loop(app: Arc<App>, listener: TcpListener) {
     let mut backoff = Duration::from_millis(10);
     let mut last_error_log: Option<Instant> = None;
     for incoming in listener.incoming() {
@@ -360,12 +444,12 @@ fn accept_loop(app: Arc<App>, listener: TcpListener, socket_path: PathBuf) {
                 continue;
             }
         };
-        admit(&app, stream, &socket_path);
+        admit(&app, stream);
     }
 }
 
 /// Counts a connection in, refuses it at a cap, or gives it a thread.
-fn admit(app: &Arc<App>, mut stream: TcpStream, socket_path: &Path) {
+fn admit(app: &Arc<App>, mut stream: TcpStream) {
     let peer = match stream.peer_addr() {
         Ok(p) => p.ip(),
         Err(_) => return,
@@ -380,13 +464,12 @@ fn admit(app: &Arc<App>, mut stream: TcpStream, socket_path: &Path) {
         return;
     };
     let app2 = app.clone();
-    let socket_path = socket_path.to_path_buf();
     let spawned = std::thread::Builder::new()
         .name("conn".into())
         .stack_size(THREAD_STACK)
         .spawn(move || {
             let _guard = guard;
-            handle_connection(&app2, stream, peer, &socket_path);
+            handle_connection(&app2, stream, peer);
         });
     if let Err(e) = spawned {
         // The guard and stream moved into the closure were dropped with it.
@@ -444,7 +527,7 @@ enum HeadError {
     Closed,
 }
 
-fn handle_connection(app: &Arc<App>, mut stream: TcpStream, peer: IpAddr, socket_path: &Path) {
+fn handle_connection(app: &Arc<App>, mut stream: TcpStream, peer: IpAddr) {
     let (head, leftover) = match read_head(&mut stream) {
         Ok(h) => h,
         Err(HeadError::TooLarge) => {
@@ -476,7 +559,7 @@ fn handle_connection(app: &Arc<App>, mut stream: TcpStream, peer: IpAddr, socket
     } else if head.path == crate::ws::ECHO_PATH && app.config.conformance_echo {
         crate::ws::serve_echo(app, stream, head, leftover);
     } else {
-        proxy(stream, head, leftover, peer, socket_path);
+        proxy(app, stream, head, leftover, peer);
     }
 }
 
@@ -544,8 +627,8 @@ fn read_head(stream: &mut TcpStream) -> Result<(Head, Vec<u8>), HeadError> {
 }
 
 /// Hands a REST request to tiny_http over the private Unix socket and pipes bytes both ways.
-fn proxy(mut client: TcpStream, head: Head, leftover: Vec<u8>, peer: IpAddr, socket_path: &Path) {
-    let mut inner = match UnixStream::connect(socket_path) {
+fn proxy(app: &Arc<App>, mut client: TcpStream, head: Head, leftover: Vec<u8>, peer: IpAddr) {
+    let mut inner = match app.http.connect(app) {
         Ok(s) => s,
         Err(e) => {
             log_error!("cannot reach the HTTP layer: {e}");

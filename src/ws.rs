@@ -197,6 +197,7 @@ fn run_connection(
         Some(ws_config(app)),
     );
     run_reader(app, &conn, &mut ws);
+    conn.mark_reader_done();
     // Whatever ended the reader, make sure the writer ends too, then leave the registry.
     conn.close(1000, "");
     let _ = writer.join();
@@ -401,9 +402,15 @@ fn run_writer(
             log_info!("ws: closed connection {} with {code} {reason}", conn.id);
         }
         // Half-close so the peer can still read our close frame and answer it; the reader
-        // (blocked in read) ends on that answer, or on this deadline for a silent peer.
-        let _ = ws.get_ref().set_read_timeout(Some(CLOSE_GRACE));
+        // (blocked in read) ends on that answer. A peer that never answers gets the socket
+        // torn down after the grace period (a read timeout set now would not reach a read
+        // already in progress).
         let _ = ws.get_ref().shutdown(Shutdown::Write);
+        let deadline = Instant::now() + CLOSE_GRACE;
+        while !conn.reader_done() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = ws.get_ref().shutdown(Shutdown::Both);
     } else {
         conn.close(1006, "");
         // The peer is gone: wake the reader, which is blocked in read().
