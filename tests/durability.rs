@@ -140,3 +140,128 @@ fn a_locked_database_gives_internal_errors_and_the_server_recovers() {
         "no log line about the failure: {log}"
     );
 }
+
+/// A small tmpfs mounted for one test, unmounted (and removed) on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// None where this machine does not let us mount (not root).
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = std::env::temp_dir().join(format!("echocenter-full-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            let _ = std::fs::remove_dir(&dir);
+            return None;
+        }
+        Some(Tmpfs(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn a_full_disk_gives_clear_errors_loses_nothing_acknowledged_and_recovers() {
+    let Some(fs) = Tmpfs::mount("4m") else {
+        eprintln!(
+            "SKIPPED: mounting a tmpfs needs root; run the suite as root to cover a full disk"
+        );
+        return;
+    };
+    let dir = TempDir::new();
+    let db = fs.0.join("echocenter.db");
+    let s = Server::start_on(dir, db, &[], &[]);
+    let admin = s.admin_token();
+    let (_, token) = s.register_agent(&admin, "filler");
+    let mut agent = s.ws(&token);
+    // Leave the database only a little room.
+    let ballast = fs.0.join("ballast");
+    let free = {
+        let out = std::process::Command::new("df")
+            .args(["-B1", "--output=avail"])
+            .arg(&fs.0)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    std::fs::write(&ballast, vec![0u8; free.saturating_sub(64 * 1024) as usize]).unwrap_or(());
+    // Write until the disk refuses; every acknowledged frame is remembered.
+    let big = "x".repeat(30_000);
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for i in 0..200 {
+        let local_id = format!("fill-{i}");
+        agent.send_json(
+            json!({"type": "CHAT", "target_id": 1, "payload": big, "local_id": local_id}),
+        );
+        let v = agent.recv_until(
+            |v| v["type"] == "ACK" || v["type"] == "ERROR",
+            "ACK or ERROR",
+        );
+        if v["type"] == "ERROR" {
+            assert_eq!(v["payload"]["code"], "internal", "{v}");
+            assert_eq!(v["local_id"], local_id.as_str());
+            refused = Some(local_id);
+            break;
+        }
+        acked.push((local_id, v["id"].as_i64().unwrap()));
+    }
+    let refused = refused.expect("the full disk never refused a write");
+    // REST writes fail with a generic 500, reads keep working, and the log says why.
+    let r = s.post(
+        "/api/messages",
+        &admin,
+        json!({"agent_id": "filler", "level": "INFO", "content": big}),
+    );
+    assert_eq!(
+        (r.status, r.error().as_str()),
+        (500, "internal server error")
+    );
+    assert_eq!(s.get("/api/users/agents", &admin).status, 200);
+    assert!(
+        s.stderr().contains("store:") || s.stderr().contains("storing a frame failed"),
+        "{}",
+        s.stderr()
+    );
+    // Room again: the refused frame, retried with its local_id, is stored once.
+    std::fs::remove_file(&ballast).unwrap();
+    agent.send_json(
+        json!({"type": "CHAT", "target_id": 1, "payload": "small", "local_id": refused}),
+    );
+    assert_eq!(agent.recv_type("ACK")["local_id"], refused.as_str());
+    // Nothing acknowledged was lost.
+    let history = s.get("/api/chat/history/1?limit=500", &token).json();
+    let stored: Vec<i64> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_i64().unwrap())
+        .collect();
+    for (local_id, id) in &acked {
+        assert!(
+            stored.contains(id),
+            "acknowledged {local_id} (id {id}) missing"
+        );
+    }
+    drop(s);
+    drop(fs);
+}
