@@ -6,7 +6,6 @@ use common::*;
 use serde_json::json;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use tungstenite::Message;
 
 const TOKEN: &str = "scrape-me-0123456789abcdef";
 
@@ -320,26 +319,8 @@ fn slow_consumer_closes_are_counted() {
     }
     let m = scrape(&s);
     assert_eq!(get(&m, "echocenter_slow_consumer_closes_total"), 1.0);
-    assert_eq!(sleeper_close(&mut sleeper), Some(1013));
+    assert_eq!(sleeper.recv_close(), Some(1013));
     // Answer the close, as a well-behaved client would; the connection is then gone.
     let _ = sleeper.inner.flush();
     wait_metric(&s, "echocenter_connections{role=\"ADMIN\"}", 0.0);
-}
-
-/// Reads (finally) until the close frame; returns its code.
-fn sleeper_close(ws: &mut Ws) -> Option<u16> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        match ws.inner.read() {
-            Ok(Message::Close(f)) => return f.map(|f| u16::from(f.code)),
-            Ok(_) => {}
-            Err(tungstenite::Error::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return None,
-        }
-    }
-    panic!("no close within 30 s");
 }

@@ -92,12 +92,39 @@ impl Server {
 
     /// Starts the binary on an existing directory and database file (restarts).
     pub fn start_on(dir: TempDir, db: PathBuf, args: &[&str], envs: &[(&str, &str)]) -> Server {
+        Server::launch(dir, db, args, envs, None)
+    }
+
+    /// Starts the binary under `ulimit -n nofile` (through bash, which can set the limit).
+    pub fn start_with_nofile(nofile: u32) -> Server {
+        let dir = TempDir::new();
+        let db = dir.path().join("echocenter.db");
+        Server::launch(dir, db, &[], &[], Some(nofile))
+    }
+
+    fn launch(
+        dir: TempDir,
+        db: PathBuf,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        nofile: Option<u32>,
+    ) -> Server {
         let stderr_path = dir.path().join(format!(
             "stderr-{}.log",
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match nofile {
+            None => Command::new(BIN),
+            Some(n) => {
+                let mut c = Command::new("bash");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} || exit 99; exec \"$@\""))
+                    .arg("bash")
+                    .arg(BIN);
+                c
+            }
+        };
         cmd.arg("serve")
             .arg("--addr")
             .arg("127.0.0.1:0")
