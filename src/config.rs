@@ -225,6 +225,14 @@ impl<'a> Loader<'a> {
             "ECHOCENTER_WS_IDLE_TIMEOUT",
             Duration::from_secs(60),
         )?;
+        if ws_ping_interval >= ws_idle_timeout {
+            return Err(ConfigError {
+                source: "--ws-ping-interval".into(),
+                message: format!(
+                    "must be shorter than --ws-idle-timeout ({ws_idle_timeout:?}), or quiet but healthy clients are closed"
+                ),
+            });
+        }
         let conformance_echo = self.args.contains("--conformance-echo");
         Ok(Config {
             addr,

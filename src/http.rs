@@ -286,7 +286,10 @@ fn authorize(ctx: &Ctx, access: Access) -> Result<Principal> {
 // ----- request bodies and query parameters ----------------------------------------------
 
 fn read_body(ctx: &Ctx, body: &mut dyn Read) -> Result<Vec<u8>> {
-    let too_large = || Reply::error(413, "request body too large");
+    let too_large = || {
+        ctx.app.hub.metrics.limit("body_too_large");
+        Reply::error(413, "request body too large")
+    };
     if ctx.content_length.is_some_and(|n| n > MAX_BODY_BYTES) {
         return Err(too_large());
     }

@@ -56,7 +56,7 @@ pub struct Outbound {
     pub text: Utf8Bytes,
     pub kind: &'static str,
     /// Set for a stored frame addressed to this connection's (machine) user: once written,
-    /// it advances the user's delivery mark.
+    /// its row is flagged delivered.
     pub stored_id: Option<i64>,
 }
 
@@ -140,8 +140,9 @@ impl Conn {
     }
 
     /// Sends a pong through the writer (the reader never writes to the socket). A ping
-    /// flood while the writer is stuck cannot grow the queue: RFC 6455 lets us answer only
-    /// the most recent pings.
+    /// flood while the writer is stuck cannot grow the queue: past 8 queued control frames
+    /// further pings go unanswered (RFC 6455 only asks for a pong "as soon as practical", and
+    /// a peer that floods pings is not waiting for each one).
     pub fn pong(&self, data: tungstenite::Bytes) {
         if self.ctl.len() < 8 {
             let _ = self.ctl.send(Control::Pong(data));
@@ -298,19 +299,29 @@ impl Hub {
     }
 
     pub fn unregister(&self, conn: &Arc<Conn>) {
-        let _presence = self.presence.lock().unwrap_or_else(|p| p.into_inner());
         let machine = !conn.principal.role.is_human();
-        // Registrations are serialized by `presence`, so "only connection left" is stable here.
-        let last = {
+        let only_one_left = || {
             let reg = self.registry.read().unwrap_or_else(|p| p.into_inner());
             reg.by_user
                 .get(&conn.principal.id)
                 .is_some_and(|list| list.iter().all(|c| c.id == conn.id))
         };
-        let now = clock::now_rfc3339();
-        if last && machine {
-            // Committed before the user shows as offline anywhere, so REST never sees an
-            // offline agent without its last_seen_at.
+        // last_seen_at is committed before the user shows as offline anywhere, so REST never
+        // sees an offline agent without it. The commit is waited for outside `presence`, so
+        // a mass disconnect shares commits instead of queueing one commit per connection
+        // behind the lock (and behind it every new connection).
+        let mut now = clock::now_rfc3339();
+        let recorded = machine && only_one_left();
+        if recorded {
+            self.store.set_last_seen(conn.principal.id, now.clone());
+            self.store.flush();
+        }
+        let _presence = self.presence.lock().unwrap_or_else(|p| p.into_inner());
+        // Registrations are serialized by `presence`, so "only connection left" is stable here.
+        let last = only_one_left();
+        if last && machine && !recorded {
+            // Rare: another connection of this user closed in between.
+            now = clock::now_rfc3339();
             self.store.set_last_seen(conn.principal.id, now.clone());
             self.store.flush();
         }

@@ -92,7 +92,7 @@ impl HttpLayer {
             .unwrap_or_else(|p| p.into_inner())
             .replace((server, path.clone()));
         if let Some((old, old_path)) = old {
-            old.unblock();
+            release_workers(&old);
             let _ = std::fs::remove_file(old_path);
         }
         Ok(path)
@@ -133,8 +133,15 @@ impl HttpLayer {
             .unwrap_or_else(|p| p.into_inner())
             .take()
         {
-            server.unblock();
+            release_workers(&server);
         }
+    }
+}
+
+/// `unblock` wakes one thread blocked in `recv`; every worker needs its own.
+fn release_workers(server: &tiny_http::Server) {
+    for _ in 0..HTTP_WORKERS {
+        server.unblock();
     }
 }
 

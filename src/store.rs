@@ -35,7 +35,7 @@ pub enum StoreError {
     Conflict(&'static str),
     NotFound,
     Db(rusqlite::Error),
-    /// The writer thread is gone (only during shutdown).
+    /// The writer thread is gone (it would only end by panicking).
     Closed,
 }
 
@@ -857,8 +857,9 @@ fn run_writer(mut conn: Connection, rx: Receiver<Job>, stats: Arc<WriterStats>) 
     }
 }
 
-/// Runs one batch in one transaction. A failing row fails alone (SQLite rolls back only that
-/// statement); a failing commit fails the batch, and every caller is told so.
+/// Runs one batch in one transaction. A row that breaks a constraint fails alone (SQLite rolls
+/// back only that statement); an error that rolls back the transaction, or a failing commit,
+/// fails the batch, and every caller is told so.
 fn write_batch(conn: &mut Connection, batch: &[Job]) -> (Vec<Option<Result<Stored>>>, bool) {
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
@@ -895,6 +896,17 @@ fn write_batch(conn: &mut Connection, batch: &[Job]) -> (Vec<Option<Result<Store
             Job::Barrier(_) => None,
         };
         results.push(r);
+        // Some errors (disk full, I/O, out of memory) make SQLite roll the whole transaction
+        // back. The rest of the batch would then run outside it, committed row by row while
+        // the earlier callers are told their rows failed: fail the whole batch instead.
+        if tx.is_autocommit() {
+            crate::log_error!(
+                "store: the write transaction was rolled back; {} writes not stored",
+                batch.len()
+            );
+            results.resize_with(batch.len(), || None);
+            return (results, false);
+        }
     }
     match tx.commit() {
         Ok(()) => (results, true),

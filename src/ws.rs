@@ -287,16 +287,13 @@ fn run_reader(app: &App, conn: &Arc<Conn>, ws: &mut WebSocket<ReadHalf>) {
                 return;
             }
             Err(tungstenite::Error::Utf8(_)) => {
-                // A text frame that is not UTF-8 is a bad frame, not a dead connection.
-                conn.touch();
+                // Say why (ERROR bad_json), then fail the connection as RFC 6455 section 8.1
+                // asks: when the bad bytes were in a fragment, tungstenite keeps the rest of
+                // the message buffered, and reading on could splice the fragments that follow
+                // into a different, valid-looking frame.
                 send_error(hub, conn, "bad_json", "text frame is not valid UTF-8", None);
-                consecutive_errors += 1;
-                if consecutive_errors >= MAX_CONSECUTIVE_ERRORS {
-                    hub.metrics.limit("consecutive_errors");
-                    conn.close(1008, "too many errors");
-                    return;
-                }
-                continue;
+                conn.close(1007, "invalid utf-8");
+                return;
             }
             Err(tungstenite::Error::Protocol(
                 tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,

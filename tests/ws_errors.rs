@@ -82,7 +82,17 @@ fn every_malformed_frame_gets_its_error_code_and_the_connection_survives() {
     assert_eq!(assert_error(&mut h, "unknown_type")["local_id"], "mine2");
     h.send_json(json!({"type": "CHAT", "target_id": "x", "local_id": "mine3"}));
     assert_eq!(assert_error(&mut h, "bad_envelope")["local_id"], "mine3");
-    // A text frame that is not UTF-8 is bad_json, and the connection stays open.
+    // Still usable.
+    let mut agent = s.ws(&token);
+    h.send_json(json!({"type": "CHAT", "target_id": agent_id, "payload": "still here"}));
+    assert_eq!(agent.recv_type("CHAT")["payload"], "still here");
+}
+
+#[test]
+fn a_text_frame_that_is_not_utf8_gets_bad_json_then_closes_with_1007() {
+    let s = Server::start();
+    let admin = s.admin_token();
+    let mut h = s.ws(&admin);
     let bad = tungstenite::protocol::frame::Frame::message(
         vec![b'{', 0xff, 0xfe, b'}'],
         tungstenite::protocol::frame::coding::OpCode::Data(
@@ -92,10 +102,7 @@ fn every_malformed_frame_gets_its_error_code_and_the_connection_survives() {
     );
     h.inner.send(Message::Frame(bad)).unwrap();
     assert_error(&mut h, "bad_json");
-    // Still usable.
-    let mut agent = s.ws(&token);
-    h.send_json(json!({"type": "CHAT", "target_id": agent_id, "payload": "still here"}));
-    assert_eq!(agent.recv_type("CHAT")["payload"], "still here");
+    assert_eq!(h.recv_close(), Some(1007));
 }
 
 #[test]
