@@ -33,6 +33,8 @@ pub const MAX_CONNS_PER_USER: usize = 16;
 /// Store-and-forward replays at most this many frames, none older than `REPLAY_MAX_AGE`.
 pub const REPLAY_LIMIT: i64 = 1000;
 pub const REPLAY_MAX_AGE_MS: i64 = 7 * 24 * 3600 * 1000;
+/// Frames a replay loads from the database at a time (bounds its memory).
+const REPLAY_PAGE: i64 = 64;
 /// How long a user lookup for routing is trusted (users added or removed by another process,
 /// e.g. the CLI, are seen after this long).
 const DIRECTORY_TTL: Duration = Duration::from_secs(5);
@@ -442,23 +444,47 @@ impl Hub {
         self.store.mark_delivered(ids);
     }
 
-    /// Frames stored for a machine user and never written to any of its connections, as
-    /// outbound frames in id order.
-    pub fn replay_for(&self, principal: &Principal) -> Vec<Outbound> {
+    /// The id range a new connection of a machine user must replay before live frames
+    /// (SPEC: the newest 1000 undelivered CHAT/AUTH_* frames, none older than 7 days).
+    pub fn replay_range(&self, principal: &Principal) -> Option<(i64, i64)> {
         let since = clock::format_ms(clock::now_ms() - REPLAY_MAX_AGE_MS);
-        let rows = match self.store.undelivered(principal.id, &since, REPLAY_LIMIT) {
-            Ok(rows) => rows,
+        self.store
+            .replay_range(principal.id, &since, REPLAY_LIMIT)
+            .unwrap_or_else(|e| {
+                crate::log_error!("hub: cannot plan the replay for user {}: {e}", principal.id);
+                None
+            })
+    }
+
+    /// One page of a replay, as outbound frames in id order, with the id of the page's last
+    /// row (None when the range is exhausted).
+    pub fn replay_page(
+        &self,
+        principal: &Principal,
+        from: i64,
+        to: i64,
+    ) -> (Vec<Outbound>, Option<i64>) {
+        match self
+            .store
+            .undelivered_page(principal.id, from, to, REPLAY_PAGE)
+        {
+            Ok(rows) => {
+                let last = rows.last().map(|r| r.id);
+                (
+                    rows.iter()
+                        .filter_map(|row| self.replay_frame(row))
+                        .collect(),
+                    last,
+                )
+            }
             Err(e) => {
                 crate::log_error!(
                     "hub: cannot load frames to replay for user {}: {e}",
                     principal.id
                 );
-                return Vec::new();
+                (Vec::new(), None)
             }
-        };
-        rows.iter()
-            .filter_map(|row| self.replay_frame(row))
-            .collect()
+        }
     }
 
     fn replay_frame(&self, row: &ChatRow) -> Option<Outbound> {

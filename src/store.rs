@@ -152,6 +152,7 @@ enum Job {
     Chat(NewChat, Answer<Result<Stored>>),
     Log(NewLog, Answer<Result<Stored>>),
     Delivered(Vec<i64>),
+    Abandon(i64, i64),
     LastSeen(i64, String),
     Barrier(Answer<()>),
 }
@@ -508,20 +509,46 @@ impl Store {
         Ok(out)
     }
 
-    /// Stored CHAT/AUTH_* frames addressed to `user_id` never written to any of its
-    /// connections: the newest `limit` not older than `since`, in id order. What
-    /// store-and-forward replays on connect.
-    pub fn undelivered(&self, user_id: i64, since: &str, limit: i64) -> Result<Vec<ChatRow>> {
+    /// What store-and-forward will replay to `user_id`: the id range of the newest `limit`
+    /// stored CHAT/AUTH_* frames addressed to it that were never written to any of its
+    /// connections and are not older than `since`. None when there is nothing to replay.
+    pub fn replay_range(
+        &self,
+        user_id: i64,
+        since: &str,
+        limit: i64,
+    ) -> Result<Option<(i64, i64)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT MIN(id), MAX(id) FROM (SELECT id FROM chat_messages
+               WHERE receiver_id = ?1 AND delivered = 0 AND timestamp >= ?2
+                 AND type IN ('CHAT', 'AUTH_REQUEST', 'AUTH_RESPONSE')
+               ORDER BY id DESC LIMIT ?3)",
+        )?;
+        let (lo, hi): (Option<i64>, Option<i64>) = stmt
+            .query_row(params![user_id, since, limit], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        Ok(lo.zip(hi))
+    }
+
+    /// One page of a replay: undelivered frames for `user_id` with ids in `from..=to`, in id
+    /// order, at most `page` of them. Paged so a long backlog never sits in memory at once.
+    pub fn undelivered_page(
+        &self,
+        user_id: i64,
+        from: i64,
+        to: i64,
+        page: i64,
+    ) -> Result<Vec<ChatRow>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(&format!(
-            "{CHAT_SELECT} WHERE receiver_id = ?1 AND delivered = 0 AND timestamp >= ?2
+            "{CHAT_SELECT} WHERE receiver_id = ?1 AND delivered = 0 AND id >= ?2 AND id <= ?3
                AND type IN ('CHAT', 'AUTH_REQUEST', 'AUTH_RESPONSE')
-             ORDER BY id DESC LIMIT ?3"
+             ORDER BY id LIMIT ?4"
         ))?;
-        let rows = stmt.query_map(params![user_id, since, limit], chat_from_row)?;
-        let mut out: Vec<ChatRow> = rows.collect::<std::result::Result<_, _>>()?;
-        out.reverse();
-        Ok(out)
+        let rows = stmt.query_map(params![user_id, from, to, page], chat_from_row)?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
     }
 
     // ----- hot path: group-committed writes ---------------------------------------------
@@ -550,6 +577,13 @@ impl Store {
         if !ids.is_empty() {
             let _ = self.inner.jobs.send(Job::Delivered(ids));
         }
+    }
+
+    /// Frames for `user_id` below `id` that a replay left out (beyond the newest 1000, or too
+    /// old) will never be sent: stop counting them as undelivered, so that no later replay
+    /// sends them after newer frames. Asynchronous.
+    pub fn abandon_undelivered_below(&self, user_id: i64, id: i64) {
+        let _ = self.inner.jobs.send(Job::Abandon(user_id, id));
     }
 
     /// Records (asynchronously) when a machine user was last seen.
@@ -881,6 +915,15 @@ fn write_batch(conn: &mut Connection, batch: &[Job]) -> (Vec<Option<Result<Store
                     {
                         crate::log_warn!("store: cannot record a delivery: {e}");
                     }
+                }
+                None
+            }
+            Job::Abandon(user, below) => {
+                if let Err(e) = tx.execute(
+                    "UPDATE chat_messages SET delivered = 1 WHERE receiver_id = ?1 AND delivered = 0 AND id < ?2",
+                    params![user, below],
+                ) {
+                    crate::log_warn!("store: cannot retire frames left out of a replay: {e}");
                 }
                 None
             }

@@ -164,10 +164,12 @@ fn run_connection(
         app.hub.unregister(&conn);
         return;
     };
+    // Store and forward: a machine's first connection replays what it missed (the writer
+    // sends it, page by page, before any live frame).
     let replay = if first && !conn.principal.role.is_human() {
-        app.hub.replay_for(&conn.principal)
+        app.hub.replay_range(&conn.principal)
     } else {
-        Vec::new()
+        None
     };
     let writer = {
         let app = app.clone();
@@ -381,11 +383,9 @@ fn run_writer(
     conn: &Arc<Conn>,
     queues: ConnQueues,
     mut ws: WebSocket<TcpStream>,
-    replay: Vec<Outbound>,
+    replay: Option<(i64, i64)>,
 ) {
-    // Frames sent by the replay may also arrive live; send each id once.
-    let replayed_up_to = replay.iter().filter_map(|o| o.stored_id).max().unwrap_or(0);
-    let close_code = serve_writes(app, conn, &queues, &mut ws, replay, replayed_up_to);
+    let close_code = serve_writes(app, conn, &queues, &mut ws, replay);
     if let Some((code, reason)) = close_code {
         conn.close(code, reason);
         let frame = CloseFrame {
@@ -426,18 +426,27 @@ fn serve_writes(
     conn: &Arc<Conn>,
     queues: &ConnQueues,
     ws: &mut WebSocket<TcpStream>,
-    replay: Vec<Outbound>,
-    replayed_up_to: i64,
+    replay: Option<(i64, i64)>,
 ) -> Option<(u16, &'static str)> {
     let hub = &app.hub;
-    if !replay.is_empty() {
-        let mut delivered = Vec::with_capacity(replay.len());
-        for frame in replay {
-            delivered.extend(frame.stored_id);
-            ws.write(Message::Text(frame.text)).ok()?;
+    // Every stored frame up to the replay's end was in the replay; when one of them also
+    // arrives live, it is not sent twice.
+    let replayed_up_to = replay.map_or(0, |(_, to)| to);
+    if let Some((from, to)) = replay {
+        let mut next = from;
+        while let (page, Some(last)) = hub.replay_page(&conn.principal, next, to) {
+            let mut delivered = Vec::with_capacity(page.len());
+            for frame in page {
+                delivered.extend(frame.stored_id);
+                ws.write(Message::Text(frame.text)).ok()?;
+            }
+            ws.flush().ok()?;
+            hub.delivered(delivered);
+            next = last + 1;
         }
-        ws.flush().ok()?;
-        hub.delivered(delivered);
+        // What the replay left out (beyond the newest 1000, or too old) is never sent, and
+        // so must not surface in a later replay behind newer frames.
+        app.store.abandon_undelivered_below(conn.principal.id, from);
     }
     let ping_interval = app.config.ws_ping_interval;
     let mut next_ping = Instant::now() + ping_interval;

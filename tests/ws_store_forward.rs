@@ -105,3 +105,34 @@ fn auth_response_for_an_offline_butler_is_delivered_when_it_connects() {
     let f = b.recv_type("AUTH_RESPONSE");
     assert_eq!(f["payload"], json!({"action_id": "a-9", "approved": true}));
 }
+
+#[test]
+fn only_the_newest_thousand_are_replayed_in_pages_and_the_rest_never_resurface() {
+    let s = Server::start_with(&["--max-frames-per-second", "100000"], &[]);
+    let admin = s.admin_token();
+    let (agent_id, token) = s.register_agent(&admin, "backlogged");
+    let mut h = s.ws(&admin);
+    let total = 1005;
+    let mut ids = Vec::with_capacity(total);
+    for i in 0..total {
+        h.send_json(json!({"type": "CHAT", "target_id": agent_id, "payload": i, "local_id": format!("b{i}")}));
+        ids.push(h.recv_type("CHAT")["id"].as_i64().unwrap());
+    }
+    let mut a = s.ws(&token);
+    for expected in &ids[total - 1000..] {
+        assert_eq!(a.recv_type("CHAT")["id"], *expected);
+    }
+    a.assert_no("CHAT", Duration::from_millis(300));
+    a.close();
+    h.recv_until(
+        |v| v["type"] == "PRESENCE" && v["payload"]["online"] == false,
+        "offline",
+    );
+    // The five left out are not sent later, behind newer frames.
+    h.send_json(json!({"type": "CHAT", "target_id": agent_id, "payload": "newest"}));
+    let newest =
+        h.recv_until(|v| v["type"] == "CHAT" && v["payload"] == "newest", "echo")["id"].clone();
+    let mut again = s.ws(&token);
+    assert_eq!(again.recv_type("CHAT")["id"], newest);
+    again.assert_no("CHAT", Duration::from_millis(300));
+}
