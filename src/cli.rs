@@ -157,7 +157,6 @@ fn agent_add(config: &Config, name: &str, description: Option<&str>) -> Result<(
         },
         keep_raw(config, &store),
     )?;
-    store.flush();
     println!("{token}");
     Ok(())
 }

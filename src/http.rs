@@ -588,13 +588,7 @@ fn agent_statuses(ctx: &Ctx) -> Result<Reply> {
 
 fn butler(ctx: &Ctx) -> Result<Reply> {
     authorize(ctx, Access::Human)?;
-    let butler = ctx
-        .app
-        .store
-        .machines()?
-        .into_iter()
-        .find(|u| u.role == Role::Butler);
-    match butler {
+    match ctx.app.store.butler()? {
         Some(b) => Ok(Reply::json(200, &single_view(ctx, b)?)),
         None => Err(Reply::error(404, "butler not found")),
     }
@@ -758,9 +752,7 @@ fn butler_agent(ctx: &Ctx, raw_agent: &str) -> Result<Reply> {
     let butler = ctx
         .app
         .store
-        .machines()?
-        .into_iter()
-        .find(|u| u.role == Role::Butler)
+        .butler()?
         .ok_or_else(|| Reply::error(404, "butler not found"))?;
     let rows = ctx
         .app

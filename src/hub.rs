@@ -598,13 +598,9 @@ impl Hub {
     }
 
     pub fn butler_id(&self) -> Result<i64, FrameError> {
-        let machines = self
-            .store
-            .machines()
-            .map_err(|_| refuse("internal", "storage unavailable"))?;
-        machines
-            .iter()
-            .find(|u| u.role == Role::Butler)
+        self.store
+            .butler()
+            .map_err(|_| refuse("internal", "storage unavailable"))?
             .map(|u| u.id)
             .ok_or_else(|| refuse("target_not_found", "there is no Butler"))
     }
@@ -685,21 +681,10 @@ impl Hub {
     }
 
     fn ack(&self, to: &Arc<Conn>, local_id: &str, s: &Stored) {
-        let ack = wire::Ack {
-            kind: "ACK",
-            sender_id: wire::SERVER_ID,
-            sender_name: wire::SERVER_NAME,
-            sender_role: wire::SERVER_ROLE,
-            local_id,
-            id: s.id,
-            timestamp: &s.timestamp,
-        };
-        to.send_direct(
-            self,
-            "ACK",
-            serde_json::to_string(&ack).unwrap_or_default(),
-            None,
-        );
+        let mut ack = Frame::server("ACK", None, &s.timestamp);
+        ack.id = Some(s.id);
+        ack.local_id = Some(local_id);
+        to.send_direct(self, "ACK", ack.to_json(), None);
     }
 
     fn frame_from(
@@ -751,8 +736,7 @@ impl Hub {
             payload: env.payload,
             timestamp: &s.timestamp,
         };
-        let payload = RawValue::from_string(serde_json::to_string(&payload).unwrap_or_default())
-            .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"));
+        let payload = raw_json(&payload);
         let now = clock::now_rfc3339();
         let text: Utf8Bytes = Frame::server("BUTLER_AGENT_MESSAGE", Some(&payload), &now)
             .to_json()
@@ -819,8 +803,7 @@ impl Hub {
             content: &log.content,
             timestamp: &stored.timestamp,
         };
-        let payload = RawValue::from_string(serde_json::to_string(&payload).unwrap_or_default())
-            .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"));
+        let payload = raw_json(&payload);
         let frame = Frame {
             id: Some(stored.id),
             kind: "SYSTEM_LOG",
@@ -867,11 +850,7 @@ impl Hub {
             online,
             last_seen_at: Some(now),
         };
-        let payload =
-            match RawValue::from_string(serde_json::to_string(&payload).unwrap_or_default()) {
-                Ok(p) => p,
-                Err(_) => return,
-            };
+        let payload = raw_json(&payload);
         let text: Utf8Bytes = Frame::server("PRESENCE", Some(&payload), now)
             .to_json()
             .into();
@@ -908,6 +887,12 @@ impl Shared {
             stored_id,
         }
     }
+}
+
+/// A serializable payload as raw JSON for a `Frame`. Our payload types are plain structs of
+/// strings and numbers, which always serialize.
+pub fn raw_json<T: serde::Serialize>(value: &T) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value).expect("payload serializes")
 }
 
 fn storage_failed(e: store::StoreError) -> FrameError {

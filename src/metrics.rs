@@ -51,10 +51,10 @@ pub const LIMITS: &[&str] = &[
 #[derive(Default)]
 pub struct Metrics {
     pub connections: [AtomicI64; 4],
-    pub frames_in: [AtomicU64; 12],
-    pub frames_out: [AtomicU64; 12],
-    pub errors: [AtomicU64; 8],
-    pub limits: [AtomicU64; 11],
+    pub frames_in: [AtomicU64; FRAME_TYPES.len()],
+    pub frames_out: [AtomicU64; FRAME_TYPES.len()],
+    pub errors: [AtomicU64; ERROR_CODES.len()],
+    pub limits: [AtomicU64; LIMITS.len()],
     pub slow_consumer_closes: AtomicU64,
     pub auth_failures: AtomicU64,
     pub accept_errors: AtomicU64,

@@ -408,6 +408,15 @@ impl Store {
         Ok(rows.collect::<std::result::Result<_, _>>()?)
     }
 
+    /// The Butler (the live BUTLER user with the lowest id), if there is one.
+    pub fn butler(&self) -> Result<Option<UserRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{USER_SELECT} WHERE u.role = 'BUTLER' AND u.deleted_at IS NULL ORDER BY u.id LIMIT 1"
+        ))?;
+        Ok(stmt.query_row([], user_from_row).optional()?)
+    }
+
     /// The latest SYSTEM_LOG content of each named agent (absent when it never reported).
     pub fn last_reports(&self, usernames: &[&str]) -> Result<HashMap<String, String>> {
         let conn = self.conn();

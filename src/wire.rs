@@ -82,18 +82,6 @@ pub struct ErrorPayload<'a> {
 }
 
 #[derive(Serialize)]
-pub struct Ack<'a> {
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    pub sender_id: i64,
-    pub sender_name: &'static str,
-    pub sender_role: &'static str,
-    pub local_id: &'a str,
-    pub id: i64,
-    pub timestamp: &'a str,
-}
-
-#[derive(Serialize)]
 pub struct LogPayload<'a> {
     pub id: i64,
     pub agent_id: &'a str,

@@ -368,10 +368,7 @@ fn run_reader(app: &App, conn: &Arc<Conn>, ws: &mut WebSocket<ReadHalf>) {
 
 fn send_error(hub: &Hub, conn: &Conn, code: &'static str, message: &str, local_id: Option<&str>) {
     hub.metrics.error(code);
-    let payload = serde_json::to_string(&wire::ErrorPayload { code, message }).unwrap_or_default();
-    let Ok(payload) = serde_json::value::RawValue::from_string(payload) else {
-        return;
-    };
+    let payload = crate::hub::raw_json(&wire::ErrorPayload { code, message });
     let now = clock::now_rfc3339();
     let mut frame = Frame::server("ERROR", Some(&payload), &now);
     frame.local_id = local_id;
