@@ -175,11 +175,13 @@ impl Metrics {
             "echocenter_db_commit_seconds_total {:.6}",
             st.commit_micros_total.load(Relaxed) as f64 / 1e6
         );
+        // Writes per commit, of every kind (a commit may carry only delivery flags).
         let _ = writeln!(s, "# TYPE echocenter_db_batch_size_avg gauge");
+        let jobs = st.jobs.load(Relaxed);
         let avg = if commits == 0 {
             0.0
         } else {
-            rows as f64 / commits as f64
+            jobs as f64 / commits as f64
         };
         let _ = writeln!(s, "echocenter_db_batch_size_avg {avg:.2}");
         s

@@ -162,6 +162,8 @@ enum Job {
 pub struct WriterStats {
     pub commits: std::sync::atomic::AtomicU64,
     pub rows: std::sync::atomic::AtomicU64,
+    /// Writes of every kind (rows, delivery flags, last-seen times) in committed batches.
+    pub jobs: std::sync::atomic::AtomicU64,
     pub commit_micros_total: std::sync::atomic::AtomicU64,
     pub failed_commits: std::sync::atomic::AtomicU64,
 }
@@ -865,6 +867,7 @@ fn run_writer(mut conn: Connection, rx: Receiver<Job>, stats: Arc<WriterStats>) 
         let (results, committed) = write_batch(&mut conn, &batch);
         if committed {
             stats.commits.fetch_add(1, Relaxed);
+            stats.jobs.fetch_add(batch.len() as u64, Relaxed);
             stats.rows.fetch_add(
                 results
                     .iter()
