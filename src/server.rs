@@ -633,6 +633,41 @@ fn read_head(stream: &mut TcpStream) -> Result<(Head, Vec<u8>), HeadError> {
     }
 }
 
+/// Copies tiny_http's response to the client, adding `Connection: close` to its head.
+/// tiny_http never sends that header (it refuses it from handlers too), and a keep-alive
+/// client (browsers, Node's fetch) would otherwise send its next request on a connection we
+/// are about to close. Interim `100 Continue` heads pass through unchanged.
+fn forward_response(inner: &mut impl Read, client: &mut impl Write) -> io::Result<()> {
+    const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = inner.read(&mut chunk)?;
+        if n == 0 {
+            return client.write_all(&buf);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let interim = buf.starts_with(b"HTTP/1.1 1") || buf.starts_with(b"HTTP/1.0 1");
+            if interim {
+                client.write_all(&buf[..end + 4])?;
+                buf.drain(..end + 4);
+                continue;
+            }
+            client.write_all(&buf[..end + 2])?;
+            client.write_all(b"Connection: close\r\n\r\n")?;
+            client.write_all(&buf[end + 4..])?;
+            io::copy(inner, client)?;
+            return Ok(());
+        }
+        if buf.len() > MAX_RESPONSE_HEAD {
+            client.write_all(&buf)?;
+            io::copy(inner, client)?;
+            return Ok(());
+        }
+    }
+}
+
 /// Hands a REST request to tiny_http over the private Unix socket and pipes bytes both ways.
 fn proxy(app: &Arc<App>, mut client: TcpStream, head: Head, leftover: Vec<u8>, peer: IpAddr) {
     let mut inner = match app.http.connect(app) {
@@ -672,7 +707,7 @@ fn proxy(app: &Arc<App>, mut client: TcpStream, head: Head, leftover: Vec<u8>, p
         .name("proxy".into())
         .stack_size(64 * 1024)
         .spawn(move || {
-            let _ = io::copy(&mut inner_read, &mut client_write);
+            let _ = forward_response(&mut inner_read, &mut client_write);
             // The response is complete: end the client connection, which also ends the
             // request-body copy below if the client is still sending.
             let _ = client_write.shutdown(Shutdown::Both);

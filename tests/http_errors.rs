@@ -494,3 +494,14 @@ fn metrics_are_404_without_a_metrics_token_and_guarded_with_one() {
     assert!(r.body.contains("echocenter_"), "{}", r.body);
     assert!(!r.body.contains("scrape-token-123"));
 }
+
+#[test]
+fn rest_responses_say_connection_close_so_keep_alive_clients_do_not_reuse_the_socket() {
+    let s = Server::start();
+    let headers = vec![("Connection".to_string(), "keep-alive".to_string())];
+    let r = s.raw_request("GET", "/api/ping", &headers, None);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"), "{:?}", r.headers);
+    let r = s.request("GET", "/api/nope", None, None);
+    assert_eq!(r.header("connection"), Some("close"));
+}
