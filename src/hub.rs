@@ -7,7 +7,9 @@
 //! - A stored frame is routed only after the store returned its `id`.
 //! - Frames from one connection are routed in the order they were read (the connection's
 //!   reader thread does the routing itself), so a stream's chunks, its final CHAT and its END
-//!   reach each recipient in order.
+//!   reach each recipient in order. A stored frame is handled in two steps, `handle` (checks,
+//!   submit to the store) and `land` (wait for the commit, route), so that a reader can submit
+//!   several frames to one commit; it must land them in order before routing anything else.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -217,13 +219,43 @@ pub struct Hub {
 }
 
 /// A validated inbound frame.
-struct Envelope<'a> {
+pub struct Envelope {
     kind: &'static str,
     target_id: i64,
-    payload: Option<&'a RawValue>,
+    payload: Option<Box<RawValue>>,
     local_id: Option<String>,
     stream_id: Option<String>,
     conversation_id: Option<i64>,
+}
+
+impl Envelope {
+    /// Frames of this type are stored before they are routed (SPEC section 4).
+    pub fn is_stored(&self) -> bool {
+        matches!(
+            self.kind,
+            "SYSTEM_LOG" | "CHAT" | "AUTH_REQUEST" | "AUTH_RESPONSE"
+        )
+    }
+}
+
+/// What `Hub::handle` did with a frame.
+pub enum Step {
+    /// Routed (or, for a refused frame, nothing to do).
+    Done,
+    /// Submitted to the store; route it with `Hub::land`.
+    InFlight(InFlight),
+}
+
+/// A stored frame between its submission to the store and its routing.
+pub struct InFlight {
+    pending: store::Pending,
+    then: Then,
+}
+
+/// How an in-flight frame is routed once its row is committed.
+enum Then {
+    Relay(Envelope, (i64, Target)),
+    Log(NewLog),
 }
 
 const KNOWN_TYPES: &[&str] = &[
@@ -512,19 +544,44 @@ impl Hub {
 
     // ----- inbound frames ---------------------------------------------------------------
 
-    /// Validates, stores and routes one text frame from `from`.
-    pub fn handle_frame(
-        &self,
-        from: &Arc<Conn>,
-        text: &str,
-    ) -> Result<(), (FrameError, Option<String>)> {
+    /// Parses and validates one text frame (SPEC section 4's field rules).
+    pub fn parse_frame(&self, text: &str) -> Result<Envelope, (FrameError, Option<String>)> {
         let env = parse_envelope(text)?;
         self.metrics.frame_in(env.kind);
+        Ok(env)
+    }
+
+    /// Checks and routes a frame; a frame that is stored is only submitted to the store and
+    /// comes back as `Step::InFlight`, to be routed by `land` once its row is committed.
+    pub fn handle(
+        &self,
+        from: &Arc<Conn>,
+        env: Envelope,
+    ) -> Result<Step, (FrameError, Option<String>)> {
         let local_id = env.local_id.clone();
         self.dispatch(from, env).map_err(|e| (e, local_id))
     }
 
-    fn dispatch(&self, from: &Arc<Conn>, env: Envelope) -> Result<(), FrameError> {
+    /// Waits for an in-flight frame's commit, then routes it as `handle` would have.
+    pub fn land(&self, from: &Arc<Conn>, f: InFlight) -> Result<(), (FrameError, Option<String>)> {
+        let stored = match f.pending.wait() {
+            Ok(s) => s,
+            Err(e) => {
+                let local_id = match &f.then {
+                    Then::Relay(env, _) => env.local_id.clone(),
+                    Then::Log(log) => log.local_id.clone(),
+                };
+                return Err((storage_failed(e), local_id));
+            }
+        };
+        match f.then {
+            Then::Relay(env, target) => self.route_relay(from, &env, target, Some(&stored)),
+            Then::Log(log) => self.route_log(from, &log, &stored),
+        }
+        Ok(())
+    }
+
+    fn dispatch(&self, from: &Arc<Conn>, env: Envelope) -> Result<Step, FrameError> {
         let me = &from.principal;
         match env.kind {
             "SYSTEM_LOG" => self.system_log(from, env),
@@ -570,7 +627,7 @@ impl Hub {
                     for c in self.humans() {
                         c.deliver(self, text.clone_for(None));
                     }
-                    Ok(())
+                    Ok(Step::Done)
                 } else {
                     let target = self.require_target(env.target_id)?;
                     self.relay(from, env, target)
@@ -605,33 +662,44 @@ impl Hub {
             .ok_or_else(|| refuse("target_not_found", "there is no Butler"))
     }
 
-    /// CHAT, CHAT_STREAM(_END), AUTH_*: store if the type is stored, then deliver to every
-    /// connection of the target and echo to a human sender's connections.
+    /// CHAT, CHAT_STREAM(_END), AUTH_*: a stored type is submitted to the store and routed
+    /// when it lands; the others are routed now.
     fn relay(
         &self,
         from: &Arc<Conn>,
         env: Envelope,
+        target: (i64, Target),
+    ) -> Result<Step, FrameError> {
+        if !env.is_stored() {
+            self.route_relay(from, &env, target, None);
+            return Ok(Step::Done);
+        }
+        let pending = self.submit_chat(&from.principal, &env, target.0, !target.1.role.is_human());
+        Ok(Step::InFlight(InFlight {
+            pending,
+            then: Then::Relay(env, target),
+        }))
+    }
+
+    /// Delivers to every connection of the target and echoes to a human sender's
+    /// connections; a machine sender gets an ACK for a stored frame with a `local_id`.
+    fn route_relay(
+        &self,
+        from: &Arc<Conn>,
+        env: &Envelope,
         (target_id, target): (i64, Target),
-    ) -> Result<(), FrameError> {
+        stored: Option<&Stored>,
+    ) {
         let me = &from.principal;
-        let stored_type = matches!(env.kind, "CHAT" | "AUTH_REQUEST" | "AUTH_RESPONSE");
-        let stored = if stored_type {
-            Some(self.store_chat(me, &env, target_id, !target.role.is_human())?)
-        } else {
-            None
-        };
         let timestamp = stored
             .as_ref()
             .map(|s| s.timestamp.clone())
             .unwrap_or_else(clock::now_rfc3339);
-        let frame = self.frame_from(me, &env, stored.as_ref().map(|s| s.id), &timestamp);
-        let duplicate = stored.as_ref().is_some_and(|s| s.duplicate);
+        let frame = self.frame_from(me, env, stored.map(|s| s.id), &timestamp);
+        let duplicate = stored.is_some_and(|s| s.duplicate);
 
         if !duplicate {
-            let mark_id = stored
-                .as_ref()
-                .filter(|_| !target.role.is_human())
-                .map(|s| s.id);
+            let mark_id = stored.filter(|_| !target.role.is_human()).map(|s| s.id);
             for c in self.conns_of(target_id) {
                 c.deliver(self, frame.clone_for(mark_id));
             }
@@ -644,40 +712,38 @@ impl Hub {
                     c.deliver(self, frame.clone_for(None));
                 }
             }
-        } else if let (Some(s), Some(local_id)) = (&stored, &env.local_id) {
+        } else if let (Some(s), Some(local_id)) = (stored, &env.local_id) {
             self.ack(from, local_id, s);
         }
         if env.kind == "CHAT" && !duplicate {
-            if let Some(s) = &stored {
-                self.monitor_butler_agent(me, &env, target_id, &target, s);
+            if let Some(s) = stored {
+                self.monitor_butler_agent(me, env, target_id, &target, s);
             }
         }
-        Ok(())
     }
 
-    fn store_chat(
+    fn submit_chat(
         &self,
         me: &Principal,
         env: &Envelope,
         target_id: i64,
         forward: bool,
-    ) -> Result<Stored, FrameError> {
+    ) -> store::Pending {
         let payload = env
             .payload
+            .as_ref()
             .map(|p| p.get().to_string())
             .unwrap_or_else(|| "null".into());
-        self.store
-            .insert_chat(NewChat {
-                sender_id: me.id,
-                receiver_id: target_id,
-                kind: env.kind.to_string(),
-                payload,
-                local_id: env.local_id.clone(),
-                stream_id: env.stream_id.clone(),
-                conversation_id: env.conversation_id,
-                forward,
-            })
-            .map_err(storage_failed)
+        self.store.submit_chat(NewChat {
+            sender_id: me.id,
+            receiver_id: target_id,
+            kind: env.kind.to_string(),
+            payload,
+            local_id: env.local_id.clone(),
+            stream_id: env.stream_id.clone(),
+            conversation_id: env.conversation_id,
+            forward,
+        })
     }
 
     fn ack(&self, to: &Arc<Conn>, local_id: &str, s: &Stored) {
@@ -701,7 +767,7 @@ impl Hub {
             sender_name: &me.username,
             sender_role: me.role.as_str(),
             target_id: (env.target_id != 0).then_some(env.target_id),
-            payload: env.payload,
+            payload: env.payload.as_deref(),
             local_id: env.local_id.as_deref(),
             stream_id: env.stream_id.as_deref(),
             conversation_id: env.conversation_id,
@@ -733,7 +799,7 @@ impl Hub {
             sender_id: me.id,
             sender_name: &me.username,
             sender_role: me.role.as_str(),
-            payload: env.payload,
+            payload: env.payload.as_deref(),
             timestamp: &s.timestamp,
         };
         let payload = raw_json(&payload);
@@ -757,42 +823,54 @@ impl Hub {
         }
     }
 
-    fn system_log(&self, from: &Arc<Conn>, env: Envelope) -> Result<(), FrameError> {
-        let (level, content) = parse_log_payload(env.payload)?;
+    fn system_log(&self, from: &Arc<Conn>, env: Envelope) -> Result<Step, FrameError> {
+        let (level, content) = parse_log_payload(env.payload.as_deref())?;
         let me = &from.principal;
         let log = NewLog {
             sender_id: Some(me.id),
             agent_id: me.username.clone(),
             level,
             content,
-            local_id: env.local_id.clone(),
+            local_id: env.local_id,
         };
-        let stored = self.post_log(me, &log).map_err(storage_failed)?;
+        Ok(Step::InFlight(InFlight {
+            pending: self.store.submit_log(log.clone()),
+            then: Then::Log(log),
+        }))
+    }
+
+    /// A SYSTEM_LOG frame's row is committed: broadcast it, echo or acknowledge.
+    fn route_log(&self, from: &Arc<Conn>, log: &NewLog, stored: &Stored) {
+        let me = &from.principal;
+        self.broadcast_log(me, log, stored);
         if me.role.is_human() {
             // The broadcast was the human's echo; a repeat gets the echo alone.
             if stored.duplicate {
-                let text = self.log_frame(me, &log, &stored);
+                let text = self.log_frame(me, log, stored);
                 for c in self.conns_of(me.id) {
                     c.deliver(self, text.clone_for(None));
                 }
             }
-        } else if let Some(local_id) = &env.local_id {
-            self.ack(from, local_id, &stored);
+        } else if let Some(local_id) = &log.local_id {
+            self.ack(from, local_id, stored);
         }
-        Ok(())
     }
 
     /// Stores a dashboard log and fans it out to every human connection (never to
     /// machines). A repeated `local_id` stores nothing and is not broadcast again.
     pub fn post_log(&self, sender: &Principal, log: &NewLog) -> Result<Stored, store::StoreError> {
         let stored = self.store.insert_log(log.clone())?;
+        self.broadcast_log(sender, log, &stored);
+        Ok(stored)
+    }
+
+    fn broadcast_log(&self, sender: &Principal, log: &NewLog, stored: &Stored) {
         if !stored.duplicate {
-            let text = self.log_frame(sender, log, &stored);
+            let text = self.log_frame(sender, log, stored);
             for c in self.humans() {
                 c.deliver(self, text.clone_for(None));
             }
         }
-        Ok(stored)
     }
 
     fn log_frame(&self, sender: &Principal, log: &NewLog, stored: &Stored) -> Shared {
@@ -829,12 +907,15 @@ impl Hub {
         let env = Envelope {
             kind: "AUTH_RESPONSE",
             target_id: butler,
-            payload: Some(payload),
+            payload: Some(payload.to_owned()),
             local_id: None,
             stream_id: None,
             conversation_id: None,
         };
-        let stored = self.store_chat(me, &env, butler, true)?;
+        let stored = self
+            .submit_chat(me, &env, butler, true)
+            .wait()
+            .map_err(storage_failed)?;
         let frame = self.frame_from(me, &env, Some(stored.id), &stored.timestamp);
         for c in self.conns_of(butler) {
             c.deliver(self, frame.clone_for(Some(stored.id)));
@@ -908,7 +989,7 @@ fn static_type(kind: &str) -> Option<&'static str> {
 }
 
 /// Parses and validates an envelope; see SPEC section 4 for the field rules.
-fn parse_envelope(text: &str) -> Result<Envelope<'_>, (FrameError, Option<String>)> {
+fn parse_envelope(text: &str) -> Result<Envelope, (FrameError, Option<String>)> {
     let raw: wire::RawEnvelope = serde_json::from_str(text).map_err(|e| {
         let err = match e.classify() {
             serde_json::error::Category::Data => refuse(
@@ -929,7 +1010,7 @@ fn parse_envelope(text: &str) -> Result<Envelope<'_>, (FrameError, Option<String
     validate_envelope(raw).map_err(|e| (e, local_id))
 }
 
-fn validate_envelope(raw: wire::RawEnvelope<'_>) -> Result<Envelope<'_>, FrameError> {
+fn validate_envelope(raw: wire::RawEnvelope<'_>) -> Result<Envelope, FrameError> {
     let kind = match &raw.kind {
         Some(serde_json::Value::String(s)) => s.as_str(),
         _ => return Err(refuse("bad_envelope", "type must be a string")),
@@ -972,7 +1053,7 @@ fn validate_envelope(raw: wire::RawEnvelope<'_>) -> Result<Envelope<'_>, FrameEr
     Ok(Envelope {
         kind,
         target_id,
-        payload: raw.payload,
+        payload: raw.payload.map(ToOwned::to_owned),
         local_id,
         stream_id,
         conversation_id,

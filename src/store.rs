@@ -565,21 +565,36 @@ impl Store {
     // ----- hot path: group-committed writes ---------------------------------------------
 
     pub fn insert_chat(&self, chat: NewChat) -> Result<Stored> {
-        let (answer, wait) = answer();
-        self.inner
-            .jobs
-            .send(Job::Chat(chat, answer))
-            .map_err(|_| StoreError::Closed)?;
-        wait.wait().unwrap_or(Err(StoreError::Closed))
+        self.submit_chat(chat).wait()
     }
 
     pub fn insert_log(&self, log: NewLog) -> Result<Stored> {
+        self.submit_log(log).wait()
+    }
+
+    /// Queues a chat row for the next commit without waiting for it. Rows submitted from
+    /// one thread are committed in submission order (one writer, one queue).
+    pub fn submit_chat(&self, chat: NewChat) -> Pending {
         let (answer, wait) = answer();
-        self.inner
-            .jobs
-            .send(Job::Log(log, answer))
-            .map_err(|_| StoreError::Closed)?;
-        wait.wait().unwrap_or(Err(StoreError::Closed))
+        Pending(
+            self.inner
+                .jobs
+                .send(Job::Chat(chat, answer))
+                .ok()
+                .map(|_| wait),
+        )
+    }
+
+    /// Queues a log row for the next commit without waiting for it.
+    pub fn submit_log(&self, log: NewLog) -> Pending {
+        let (answer, wait) = answer();
+        Pending(
+            self.inner
+                .jobs
+                .send(Job::Log(log, answer))
+                .ok()
+                .map(|_| wait),
+        )
     }
 
     /// Records (asynchronously) that these stored frames were written to a connection of
@@ -608,6 +623,17 @@ impl Store {
         if self.inner.jobs.send(Job::Barrier(answer)).is_ok() {
             let _ = wait.wait();
         }
+    }
+}
+
+/// A row submitted to the writer: `wait` returns once its batch is committed (or failed).
+pub struct Pending(Option<Wait<Result<Stored>>>);
+
+impl Pending {
+    pub fn wait(self) -> Result<Stored> {
+        self.0
+            .and_then(Wait::wait)
+            .unwrap_or(Err(StoreError::Closed))
     }
 }
 

@@ -8,6 +8,7 @@
 //! - the writer thread owns every byte written: data frames from the hub's queue, pongs,
 //!   pings, close frames. It also runs the liveness timer and the credential re-check.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::Ordering::Relaxed;
@@ -20,13 +21,17 @@ use tungstenite::protocol::{CloseFrame, Role as WsRole, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 use crate::auth::{self, AuthFailure};
-use crate::hub::{Conn, ConnQueues, Control, Hub, Outbound, Principal, RegisterError};
+use crate::hub::{
+    Conn, ConnQueues, Control, FrameError, Hub, InFlight, Outbound, Principal, RegisterError, Step,
+};
 use crate::server::{respond_json, App, Head};
 use crate::wire::{self, Frame};
 use crate::{clock, log_debug, log_info, log_warn};
 
 /// Consecutive ERROR frames after which a connection is closed (1008).
 const MAX_CONSECUTIVE_ERRORS: u32 = 100;
+/// Most stored frames of one connection submitted but not yet routed.
+const MAX_IN_FLIGHT: usize = 64;
 /// How long a connection may stay over its frame rate before it is closed (1008).
 const RATE_LIMITED_CLOSE_AFTER: Duration = Duration::from_secs(10);
 /// Frames the writer puts on the wire before one flush.
@@ -193,7 +198,7 @@ fn run_connection(
         }
     };
     let mut ws = WebSocket::from_partially_read(
-        ReadHalf(stream),
+        ReadHalf::new(stream),
         leftover,
         WsRole::Server,
         Some(ws_config(app)),
@@ -203,17 +208,36 @@ fn run_connection(
     // Whatever ended the reader, make sure the writer ends too, then leave the registry.
     conn.close(1000, "");
     let _ = writer.join();
-    let _ = ws.get_ref().0.shutdown(Shutdown::Both);
+    let _ = ws.get_ref().stream.shutdown(Shutdown::Both);
     app.hub.unregister(&conn);
     log_debug!("ws: connection {} closed", conn.id);
 }
 
 /// The read side of the socket. Its writes are discarded: the writer thread owns the wire.
-struct ReadHalf(TcpStream);
+///
+/// While `buffered_only` is set, a read that would need the socket fails with `WouldBlock`
+/// instead of blocking: tungstenite then hands out only the frames already in its buffer,
+/// and keeps a partial one for later (it supports non-blocking streams).
+struct ReadHalf {
+    stream: TcpStream,
+    buffered_only: bool,
+}
+
+impl ReadHalf {
+    fn new(stream: TcpStream) -> ReadHalf {
+        ReadHalf {
+            stream,
+            buffered_only: false,
+        }
+    }
+}
 
 impl Read for ReadHalf {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
+        if self.buffered_only {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        self.stream.read(buf)
     }
 }
 
@@ -276,13 +300,75 @@ impl RateLimit {
     }
 }
 
+/// A connection's stored frames between their submission to the store and their routing,
+/// in the order they were read. Frames that arrived together (already in the read buffer)
+/// are submitted together and so share a commit; they are routed, oldest first, before the
+/// reader waits on the socket again and before anything else is routed or sent for this
+/// connection, which keeps every recipient's view in the order the frames were read.
+#[derive(Default)]
+struct Pipeline {
+    in_flight: VecDeque<InFlight>,
+    consecutive_errors: u32,
+}
+
+impl Pipeline {
+    /// Routes every in-flight frame. False when their errors closed the connection.
+    fn land_all(&mut self, hub: &Hub, conn: &Arc<Conn>) -> bool {
+        let mut open = true;
+        // A closing connection still routes the rest: their rows are stored, and their
+        // recipients are waiting for them.
+        while let Some(f) = self.in_flight.pop_front() {
+            let landed = hub.land(conn, f);
+            open &= self.record(hub, conn, landed);
+        }
+        open
+    }
+
+    /// Counts an outcome; an error becomes an ERROR frame. False when this error was the
+    /// `MAX_CONSECUTIVE_ERRORS`th in a row (the connection is then closed).
+    fn record(
+        &mut self,
+        hub: &Hub,
+        conn: &Conn,
+        outcome: Result<(), (FrameError, Option<String>)>,
+    ) -> bool {
+        let Err((e, local_id)) = outcome else {
+            self.consecutive_errors = 0;
+            return true;
+        };
+        send_error(hub, conn, e.code, &e.message, local_id.as_deref());
+        self.consecutive_errors += 1;
+        if self.consecutive_errors >= MAX_CONSECUTIVE_ERRORS {
+            hub.metrics.limit("consecutive_errors");
+            conn.close(1008, "too many errors");
+            return false;
+        }
+        true
+    }
+}
+
 fn run_reader(app: &App, conn: &Arc<Conn>, ws: &mut WebSocket<ReadHalf>) {
+    let mut pipeline = Pipeline::default();
+    read_frames(app, conn, ws, &mut pipeline);
+    // Whatever ended the reading, every submitted frame is stored: route it.
+    pipeline.land_all(&app.hub, conn);
+}
+
+fn read_frames(app: &App, conn: &Arc<Conn>, ws: &mut WebSocket<ReadHalf>, pipeline: &mut Pipeline) {
     let hub = &app.hub;
     let mut rate = RateLimit::new(app.config.max_frames_per_second);
-    let mut consecutive_errors = 0u32;
     loop {
+        // With frames in flight, take only what is already buffered; when that runs out,
+        // route them before blocking on the socket.
+        ws.get_mut().buffered_only = !pipeline.in_flight.is_empty();
         let message = match ws.read() {
             Ok(m) => m,
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !pipeline.land_all(hub, conn) {
+                    return;
+                }
+                continue;
+            }
             Err(tungstenite::Error::Capacity(_)) => {
                 hub.metrics.limit("message_too_large");
                 conn.close(1009, "message too big");
@@ -293,6 +379,7 @@ fn run_reader(app: &App, conn: &Arc<Conn>, ws: &mut WebSocket<ReadHalf>) {
                 // asks: when the bad bytes were in a fragment, tungstenite keeps the rest of
                 // the message buffered, and reading on could splice the fragments that follow
                 // into a different, valid-looking frame.
+                pipeline.land_all(hub, conn);
                 send_error(hub, conn, "bad_json", "text frame is not valid UTF-8", None);
                 conn.close(1007, "invalid utf-8");
                 return;
@@ -319,6 +406,7 @@ fn run_reader(app: &App, conn: &Arc<Conn>, ws: &mut WebSocket<ReadHalf>) {
             Message::Close(frame) => {
                 // Echo the peer's code, as RFC 6455 section 5.5.1 asks.
                 let code = frame.as_ref().map(|f| u16::from(f.code)).unwrap_or(1000);
+                pipeline.land_all(hub, conn);
                 conn.close(if code == 1005 { 1000 } else { code }, "");
                 return;
             }
@@ -327,6 +415,9 @@ fn run_reader(app: &App, conn: &Arc<Conn>, ws: &mut WebSocket<ReadHalf>) {
             return;
         }
         if !rate.allow() {
+            if !pipeline.land_all(hub, conn) {
+                return;
+            }
             hub.metrics.limit("frame_rate_limited");
             send_error(
                 hub,
@@ -341,8 +432,8 @@ fn run_reader(app: &App, conn: &Arc<Conn>, ws: &mut WebSocket<ReadHalf>) {
             }
             continue;
         }
-        let outcome = match text {
-            Ok(text) => hub.handle_frame(conn, text),
+        let parsed = match text {
+            Ok(text) => hub.parse_frame(text),
             Err(()) => Err((
                 crate::hub::FrameError {
                     code: "bad_json",
@@ -351,17 +442,21 @@ fn run_reader(app: &App, conn: &Arc<Conn>, ws: &mut WebSocket<ReadHalf>) {
                 None,
             )),
         };
-        match outcome {
-            Ok(()) => consecutive_errors = 0,
-            Err((e, local_id)) => {
-                send_error(hub, conn, e.code, &e.message, local_id.as_deref());
-                consecutive_errors += 1;
-                if consecutive_errors >= MAX_CONSECUTIVE_ERRORS {
-                    hub.metrics.limit("consecutive_errors");
-                    conn.close(1008, "too many errors");
-                    return;
-                }
+        // A frame routed now, or an error about it, goes after every frame read before it.
+        if !parsed.as_ref().is_ok_and(|env| env.is_stored()) && !pipeline.land_all(hub, conn) {
+            return;
+        }
+        let step = parsed.and_then(|env| hub.handle(conn, env));
+        let open = match step {
+            Ok(Step::InFlight(f)) => {
+                pipeline.in_flight.push_back(f);
+                pipeline.in_flight.len() < MAX_IN_FLIGHT || pipeline.land_all(hub, conn)
             }
+            Ok(Step::Done) => pipeline.record(hub, conn, Ok(())),
+            Err(e) => pipeline.land_all(hub, conn) && pipeline.record(hub, conn, Err(e)),
+        };
+        if !open {
+            return;
         }
     }
 }
@@ -602,7 +697,7 @@ pub fn serve_echo(app: &Arc<App>, mut stream: TcpStream, head: Head, leftover: V
         return;
     };
     let mut ws = WebSocket::from_partially_read(
-        ReadHalf(read_stream),
+        ReadHalf::new(read_stream),
         leftover,
         WsRole::Server,
         Some(ws_config(app)),

@@ -110,30 +110,47 @@ fn a_locked_database_gives_internal_errors_and_the_server_recovers() {
     // Another process (a backup tool, say) holds the write lock longer than busy_timeout.
     let blocker = rusqlite::Connection::open(&s.db).unwrap();
     blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    agent.send_json(
-        json!({"type": "CHAT", "target_id": 1, "payload": "try me", "local_id": "retry-1"}),
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let err = loop {
-        assert!(std::time::Instant::now() < deadline, "no ERROR frame");
+    let mut human = s.ws(&admin);
+    // A burst: the frames are in flight together, and each one's failure is reported.
+    let burst: Vec<_> = (1..=3)
+        .map(|i| json!({"type": "CHAT", "target_id": 1, "payload": format!("try {i}"), "local_id": format!("retry-{i}")}))
+        .collect();
+    agent.send_burst(&burst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let mut errors = Vec::new();
+    while errors.len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ERROR frames: {errors:?}"
+        );
         if let Some(v) = agent.recv_within(Duration::from_millis(500)) {
+            assert_ne!(v["type"], "ACK", "{v}");
             if v["type"] == "ERROR" {
-                break v;
+                assert_eq!(v["payload"]["code"], "internal");
+                errors.push(v["local_id"].as_str().unwrap().to_string());
             }
         }
-    };
-    assert_eq!(err["payload"]["code"], "internal");
-    assert_eq!(err["local_id"], "retry-1");
+    }
+    assert_eq!(errors, ["retry-1", "retry-2", "retry-3"]);
+    // Nothing unstored was routed.
+    human.assert_no("CHAT", Duration::from_millis(300));
     // REST reads still work while writes fail.
     assert_eq!(s.get("/api/users/agents", &admin).status, 200);
     blocker.execute_batch("ROLLBACK").unwrap();
     drop(blocker);
-    // The same local_id, retried, is stored once.
-    agent.send_json(
-        json!({"type": "CHAT", "target_id": 1, "payload": "try me", "local_id": "retry-1"}),
-    );
-    let ack = agent.recv_type("ACK");
-    assert_eq!(ack["local_id"], "retry-1");
+    // The same local_ids, retried, are stored once each and delivered in order.
+    agent.send_burst(&burst);
+    for i in 1..=3 {
+        assert_eq!(agent.recv_type("ACK")["local_id"], format!("retry-{i}"));
+        assert_eq!(human.recv_type("CHAT")["payload"], format!("try {i}"));
+    }
+    agent.send_burst(&burst);
+    for i in 1..=3 {
+        assert_eq!(agent.recv_type("ACK")["local_id"], format!("retry-{i}"));
+    }
+    human.assert_no("CHAT", Duration::from_millis(300));
+    let history = s.get("/api/chat/history/1", &token).json();
+    assert_eq!(history.as_array().unwrap().len(), 3);
     let log = s.stderr();
     assert!(
         log.contains("store:") || log.contains("storing a frame failed"),

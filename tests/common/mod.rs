@@ -466,6 +466,15 @@ impl Ws {
         self.inner.send(Message::text(t.to_string())).unwrap();
     }
 
+    /// Sends all `frames` with one flush, so they reach the server together (as a client
+    /// that writes faster than the server reads would deliver them).
+    pub fn send_burst(&mut self, frames: &[Value]) {
+        for f in frames {
+            self.inner.write(Message::text(f.to_string())).unwrap();
+        }
+        self.inner.flush().unwrap();
+    }
+
     /// The next JSON text frame, or None at the deadline. Panics if the connection closed.
     pub fn recv_within(&mut self, timeout: Duration) -> Option<Value> {
         let deadline = Instant::now() + timeout;
