@@ -246,9 +246,9 @@ EOF
 
 cat <<EOF
 
-10,000 idle agents: the server uses 2 threads and 2 file descriptors per WebSocket, so 10,000
+10,000 idle agents: the server uses 2 threads and 1 file descriptor per WebSocket, so 10,000
 connections need ~20,000 server threads (more memory maps than the default vm.max_map_count=65530
-allows) and ~20,000 descriptors. As root, raise the limits, then rerun with BENCH_CONNECT:
+allows) and ~10,000 descriptors. As root, raise the limits, then rerun with BENCH_CONNECT:
     sysctl -w vm.max_map_count=262144 kernel.pid_max=4194304
     ulimit -n 65536        # hard limit too: see /etc/security/limits.conf or systemd LimitNOFILE
     BENCH_CONNECT=10000 scripts/bench.sh

@@ -2,7 +2,7 @@
 //!
 //! tungstenite cannot split a socket, and a pong written by the reader in the middle of one of
 //! the writer's frames would corrupt the stream. So each connection gets two `WebSocket`
-//! values over clones of one `TcpStream`:
+//! values over one shared `TcpStream` (one descriptor: `&TcpStream` reads and writes):
 //! - the reader's writes go nowhere (`ReadHalf`); pings it receives are answered by asking
 //!   the writer, and so is a close frame;
 //! - the writer thread owns every byte written: data frames from the hub's queue, pongs,
@@ -164,11 +164,9 @@ fn run_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-    // Two descriptors per connection: the writer's clone and the reader's original.
-    let Ok(write_stream) = stream.try_clone() else {
-        app.hub.unregister(&conn);
-        return;
-    };
+    // One descriptor per connection, shared by the two threads.
+    let stream = Arc::new(stream);
+    let write_stream = WriteHalf(stream.clone());
     // Store and forward: a machine's first connection replays what it missed (the writer
     // sends it, page by page, before any live frame).
     let replay = if first && !conn.principal.role.is_human() {
@@ -219,12 +217,12 @@ fn run_connection(
 /// instead of blocking: tungstenite then hands out only the frames already in its buffer,
 /// and keeps a partial one for later (it supports non-blocking streams).
 struct ReadHalf {
-    stream: TcpStream,
+    stream: Arc<TcpStream>,
     buffered_only: bool,
 }
 
 impl ReadHalf {
-    fn new(stream: TcpStream) -> ReadHalf {
+    fn new(stream: Arc<TcpStream>) -> ReadHalf {
         ReadHalf {
             stream,
             buffered_only: false,
@@ -237,7 +235,32 @@ impl Read for ReadHalf {
         if self.buffered_only {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        self.stream.read(buf)
+        (&*self.stream).read(buf)
+    }
+}
+
+/// The write side of the socket, for the writer thread. Reading is the reader's job alone:
+/// bytes taken here would be lost to it, so a read is refused.
+struct WriteHalf(Arc<TcpStream>);
+
+impl WriteHalf {
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        self.0.shutdown(how)
+    }
+}
+
+impl Read for WriteHalf {
+    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
+impl Write for WriteHalf {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        (&*self.0).flush()
     }
 }
 
@@ -474,7 +497,7 @@ fn run_writer(
     app: &App,
     conn: &Arc<Conn>,
     queues: ConnQueues,
-    mut ws: WebSocket<TcpStream>,
+    mut ws: WebSocket<WriteHalf>,
     replay: Option<(i64, i64)>,
 ) {
     let close_code = serve_writes(app, conn, &queues, &mut ws, replay);
@@ -517,7 +540,7 @@ fn serve_writes(
     app: &App,
     conn: &Arc<Conn>,
     queues: &ConnQueues,
-    ws: &mut WebSocket<TcpStream>,
+    ws: &mut WebSocket<WriteHalf>,
     replay: Option<(i64, i64)>,
 ) -> Option<(u16, &'static str)> {
     let hub = &app.hub;
@@ -588,7 +611,7 @@ fn silence_deadline(app: &App, conn: &Conn) -> Instant {
 fn write_batch(
     hub: &Hub,
     conn: &Conn,
-    ws: &mut WebSocket<TcpStream>,
+    ws: &mut WebSocket<WriteHalf>,
     queues: &ConnQueues,
     first: Outbound,
     replayed_up_to: i64,
@@ -672,10 +695,11 @@ pub fn serve_echo(app: &Arc<App>, mut stream: TcpStream, head: Head, leftover: V
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
     );
-    let (Ok(()), Ok(write_stream)) = (stream.write_all(response.as_bytes()), stream.try_clone())
-    else {
+    if stream.write_all(response.as_bytes()).is_err() {
         return;
-    };
+    }
+    let stream = Arc::new(stream);
+    let write_stream = WriteHalf(stream.clone());
     let (tx, rx) = crossbeam_channel::bounded::<Message>(64);
     let config = ws_config(app);
     let writer = std::thread::Builder::new()
@@ -689,15 +713,12 @@ pub fn serve_echo(app: &Arc<App>, mut stream: TcpStream, head: Head, leftover: V
                     break;
                 }
             }
-            let _ = ws.get_ref().set_read_timeout(Some(CLOSE_GRACE));
+            let _ = ws.get_ref().0.set_read_timeout(Some(CLOSE_GRACE));
             let _ = ws.get_ref().shutdown(Shutdown::Write);
         });
     let Ok(writer) = writer else { return };
-    let Ok(read_stream) = stream.try_clone() else {
-        return;
-    };
     let mut ws = WebSocket::from_partially_read(
-        ReadHalf::new(read_stream),
+        ReadHalf::new(stream.clone()),
         leftover,
         WsRole::Server,
         Some(ws_config(app)),

@@ -213,3 +213,28 @@ fn sigterm_closes_every_client_with_1001_and_exits_0() {
         .json();
     assert_eq!(history[0]["id"], ack["id"]);
 }
+
+#[test]
+fn each_websocket_holds_one_server_descriptor() {
+    let s = Server::start();
+    let admin = s.admin_token();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", s.pid()))
+            .unwrap()
+            .count()
+    };
+    let (_, token) = s.register_agent(&admin, "fd-counter");
+    let before = fds();
+    let mut conns: Vec<Ws> = (0..12).map(|_| s.ws(&token)).collect();
+    // An ACK means the connection's reader is running, so both its threads hold the socket.
+    for (i, ws) in conns.iter_mut().enumerate() {
+        ws.send_json(json!({"type": "SYSTEM_LOG", "payload": "hi", "local_id": format!("fd{i}")}));
+        ws.recv_type("ACK");
+    }
+    let per_connection = (fds() - before) as f64 / conns.len() as f64;
+    // Descriptors bound how many agents a server holds (10,000 under a 20,000 limit).
+    assert!(
+        per_connection <= 1.1,
+        "{per_connection} descriptors per WebSocket"
+    );
+}
