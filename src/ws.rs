@@ -30,7 +30,9 @@ use crate::{clock, log_debug, log_info, log_warn};
 
 /// Consecutive ERROR frames after which a connection is closed (1008).
 const MAX_CONSECUTIVE_ERRORS: u32 = 100;
-/// Most stored frames of one connection submitted but not yet routed.
+/// Most stored frames of one connection submitted but not yet routed. Their bytes are bounded
+/// too: while frames are in flight only the read buffer is consulted, so they are one message
+/// (≤ the message limit) plus what one 4 KiB read brought with it.
 const MAX_IN_FLIGHT: usize = 64;
 /// How long a connection may stay over its frame rate before it is closed (1008).
 const RATE_LIMITED_CLOSE_AFTER: Duration = Duration::from_secs(10);
