@@ -575,26 +575,17 @@ impl Store {
     /// Queues a chat row for the next commit without waiting for it. Rows submitted from
     /// one thread are committed in submission order (one writer, one queue).
     pub fn submit_chat(&self, chat: NewChat) -> Pending {
-        let (answer, wait) = answer();
-        Pending(
-            self.inner
-                .jobs
-                .send(Job::Chat(chat, answer))
-                .ok()
-                .map(|_| wait),
-        )
+        self.submit(|answer| Job::Chat(chat, answer))
     }
 
     /// Queues a log row for the next commit without waiting for it.
     pub fn submit_log(&self, log: NewLog) -> Pending {
+        self.submit(|answer| Job::Log(log, answer))
+    }
+
+    fn submit(&self, job: impl FnOnce(Answer<Result<Stored>>) -> Job) -> Pending {
         let (answer, wait) = answer();
-        Pending(
-            self.inner
-                .jobs
-                .send(Job::Log(log, answer))
-                .ok()
-                .map(|_| wait),
-        )
+        Pending(self.inner.jobs.send(job(answer)).ok().map(|_| wait))
     }
 
     /// Records (asynchronously) that these stored frames were written to a connection of
