@@ -388,7 +388,9 @@ fn read_frames(app: &App, conn: &Arc<Conn>, ws: &mut WebSocket<ReadHalf>, pipeli
         ws.get_mut().buffered_only = !pipeline.in_flight.is_empty();
         let message = match ws.read() {
             Ok(m) => m,
-            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+            Err(tungstenite::Error::Io(e))
+                if e.kind() == io::ErrorKind::WouldBlock && ws.get_ref().buffered_only =>
+            {
                 if !pipeline.land_all(hub, conn) {
                     return;
                 }
@@ -396,6 +398,7 @@ fn read_frames(app: &App, conn: &Arc<Conn>, ws: &mut WebSocket<ReadHalf>, pipeli
             }
             Err(tungstenite::Error::Capacity(_)) => {
                 hub.metrics.limit("message_too_large");
+                pipeline.land_all(hub, conn);
                 conn.close(1009, "message too big");
                 return;
             }
@@ -414,6 +417,7 @@ fn read_frames(app: &App, conn: &Arc<Conn>, ws: &mut WebSocket<ReadHalf>, pipeli
             )) => return,
             Err(tungstenite::Error::Protocol(e)) => {
                 log_debug!("ws: protocol error on connection {}: {e}", conn.id);
+                pipeline.land_all(hub, conn);
                 conn.close(1002, "protocol error");
                 return;
             }
@@ -585,7 +589,18 @@ fn serve_writes(
         select! {
             recv(queues.ctl) -> ctl => match ctl {
                 Ok(Control::Pong(data)) => ws.send(Message::Pong(data)).ok()?,
-                Ok(Control::Close(code, reason)) => return Some((code, reason)),
+                Ok(Control::Close(code, reason)) => {
+                    // What was queued before the close (the ACKs and echoes of a client's last
+                    // burst, the ERROR that explains a close) goes out first, unless the close
+                    // is because the peer does not read (1013) or does not answer (1011).
+                    // Nothing is queued after a close, so this ends.
+                    if !matches!(code, 1011 | 1013) {
+                        while let Ok(first) = queues.out.try_recv() {
+                            write_batch(hub, conn, ws, queues, first, replayed_up_to).ok()?;
+                        }
+                    }
+                    return Some((code, reason));
+                }
                 Err(_) => return None,
             },
             recv(queues.out) -> first => {

@@ -231,7 +231,7 @@ fn each_websocket_holds_one_server_descriptor() {
         ws.send_json(json!({"type": "SYSTEM_LOG", "payload": "hi", "local_id": format!("fd{i}")}));
         ws.recv_type("ACK");
     }
-    let per_connection = (fds() - before) as f64 / conns.len() as f64;
+    let per_connection = (fds() as f64 - before as f64) / conns.len() as f64;
     // Descriptors bound how many agents a server holds (10,000 under a 20,000 limit).
     assert!(
         per_connection <= 1.1,

@@ -129,7 +129,7 @@ fn frames_sent_just_before_a_close_are_all_stored_and_delivered() {
     let mut agent = s.ws(&token);
     let mut human = s.ws(&admin);
     let frames: Vec<Value> = (0..200)
-        .map(|i| json!({"type": "CHAT", "target_id": 1, "payload": format!("bye{i}")}))
+        .map(|i| json!({"type": "CHAT", "target_id": 1, "payload": format!("bye{i}"), "local_id": format!("b{i}")}))
         .collect();
     for f in &frames {
         agent
@@ -140,6 +140,19 @@ fn frames_sent_just_before_a_close_are_all_stored_and_delivered() {
     // The close frame travels in the same write as the burst.
     agent.inner.close(None).unwrap();
     let _ = agent.inner.flush();
+    // Every frame is acknowledged before the server answers the close.
+    let mut acks = Vec::new();
+    loop {
+        match agent.inner.read() {
+            Ok(tungstenite::Message::Text(t)) => {
+                acks.push(label(&serde_json::from_str(t.as_str()).unwrap()));
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    let want_acks: Vec<String> = (0..200).map(|i| format!("ACK b{i}")).collect();
+    assert_eq!(acks, want_acks);
     let got = collect(&mut human, &["CHAT"], frames.len());
     let want: Vec<String> = (0..200).map(|i| format!("CHAT bye{i}")).collect();
     assert_eq!(got.iter().map(label).collect::<Vec<_>>(), want);
