@@ -692,7 +692,6 @@ impl Hub {
     ) {
         let me = &from.principal;
         let timestamp = stored
-            .as_ref()
             .map(|s| s.timestamp.clone())
             .unwrap_or_else(clock::now_rfc3339);
         let frame = self.frame_from(me, env, stored.map(|s| s.id), &timestamp);

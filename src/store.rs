@@ -6,8 +6,9 @@
 //!   (chat frames, dashboard logs, delivery flags) in batches: one commit, one fsync, for
 //!   everything that queued up while the previous commit was running (group commit).
 //!
-//! A caller of `insert_chat`/`insert_log` blocks until its row is committed and so gets the
-//! row's `id` before routing: an `id` a client has seen is always in the database.
+//! `submit_chat`/`submit_log` queue a row and return a `Pending`; its `wait` (which
+//! `insert_chat`/`insert_log` call at once) returns when the row is committed, so the caller
+//! gets the row's `id` before routing: an `id` a client has seen is always in the database.
 
 use std::collections::HashMap;
 use std::fs;
