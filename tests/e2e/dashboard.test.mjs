@@ -113,6 +113,10 @@ test('dashboard: login, agents, live log, streamed chat, approvals, reload, reco
     const page = await context.newPage();
     page.setDefaultTimeout(WAIT);
     page.on('pageerror', (err) => pageErrors.push(String(err)));
+    // The page runs under a strict Content-Security-Policy: anything it blocks is a bug.
+    page.on('console', (msg) => {
+      if (/Content.Security.Policy/i.test(msg.text())) pageErrors.push(msg.text());
+    });
     page.on('dialog', (d) => d.accept());
 
     step('log in through the UI');
@@ -205,6 +209,10 @@ test('dashboard: login, agents, live log, streamed chat, approvals, reload, reco
     await approval.waitFor();
     assert.match(await approval.textContent(), /Reason: disk usage above 90%/);
     await approval.getByRole('button', { name: 'Approve' }).click();
+    // One click only arms the button: nothing is answered yet.
+    await approval.getByRole('button', { name: 'Confirm approve' }).waitFor();
+    assert.equal(await approval.getAttribute('data-status'), 'PENDING');
+    await approval.getByRole('button', { name: 'Confirm approve' }).click();
     await page.locator('#approval-list li.approval[data-status="APPROVED"] .verdict', { hasText: 'Approved' }).waitFor();
     await page.locator('#log .log-row[data-level="AUTH"]', { hasText: 'auth response received: approved' }).waitFor();
 
