@@ -11,50 +11,13 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::identity::{Principal, Role};
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
 pub const ISSUER: &str = "echocenter";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Role {
-    Admin,
-    Member,
-    Agent,
-    Butler,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "ADMIN",
-            Role::Member => "MEMBER",
-            Role::Agent => "AGENT",
-            Role::Butler => "BUTLER",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "ADMIN" => Some(Role::Admin),
-            "MEMBER" => Some(Role::Member),
-            "AGENT" => Some(Role::Agent),
-            "BUTLER" => Some(Role::Butler),
-            _ => None,
-        }
-    }
-
-    /// Humans log in with a password; machines hold an API token.
-    pub fn is_human(self) -> bool {
-        matches!(self, Role::Admin | Role::Member)
-    }
-
-    pub fn actor_type(self) -> &'static str {
-        if self.is_human() {
-            "HUMAN"
-        } else {
-            "SYSTEM"
-        }
-    }
-}
 
 /// 1–64 characters from `A–Z a–z 0–9 - _ .`.
 pub fn valid_username(name: &str) -> bool {
@@ -196,22 +159,34 @@ pub enum JwtError {
     Issuer,
 }
 
+/// The JWT signing key. It is derived from the secret (configured, or generated and kept in
+/// the database) and a generation number that `/api/dev/mock/reset` increments: a reset
+/// restarts user ids, so a JWT issued before it would otherwise name whichever new user got
+/// its id. Generation 0 signs with the secret itself, as before generations existed.
 pub struct JwtKeys {
     secret: Vec<u8>,
+    key: RwLock<Vec<u8>>,
     ttl_secs: i64,
 }
 
 impl JwtKeys {
-    pub fn new(secret: Vec<u8>, ttl: std::time::Duration) -> JwtKeys {
+    pub fn new(secret: Vec<u8>, ttl: Duration, generation: u64) -> JwtKeys {
         JwtKeys {
+            key: RwLock::new(derive_key(&secret, generation)),
             secret,
             ttl_secs: ttl.as_secs() as i64,
         }
     }
 
+    /// Signs and verifies with the key of `generation` from now on.
+    pub fn set_generation(&self, generation: u64) {
+        *self.key.write().unwrap_or_else(|p| p.into_inner()) = derive_key(&self.secret, generation);
+    }
+
     fn mac(&self) -> Hmac<Sha256> {
+        let key = self.key.read().unwrap_or_else(|p| p.into_inner());
         // HMAC accepts keys of any length.
-        Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length")
+        Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes any key length")
     }
 
     pub fn issue(&self, user_id: i64, role: Role, now_secs: i64) -> String {
@@ -272,6 +247,15 @@ impl JwtKeys {
     }
 }
 
+fn derive_key(secret: &[u8], generation: u64) -> Vec<u8> {
+    if generation == 0 {
+        return secret.to_vec();
+    }
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(format!("echocenter jwt generation {generation}").as_bytes());
+    mac.finalize().into_bytes().to_vec()
+}
+
 /// A token is a JWT when it has the three dot-separated parts; agent tokens never contain
 /// two dots followed by base64 (generated ones have none), and supplied ones that look like a
 /// JWT but fail verification are then tried as agent tokens too.
@@ -294,14 +278,14 @@ pub fn authenticate(
     store: &crate::store::Store,
     keys: &JwtKeys,
     token: &str,
-) -> Result<crate::hub::Principal, AuthFailure> {
+) -> Result<Principal, AuthFailure> {
     if looks_like_jwt(token) {
         if let Ok(claims) = keys.verify(token, crate::clock::now_secs()) {
             let user = store
                 .user_by_id(claims.user_id)
                 .map_err(|_| AuthFailure::Unavailable)?;
             return match user {
-                Some(u) if !u.deleted && u.role.is_human() => Ok(crate::hub::Principal {
+                Some(u) if !u.deleted && u.role.is_human() => Ok(Principal {
                     id: u.id,
                     username: u.username,
                     role: u.role,
@@ -317,7 +301,7 @@ pub fn authenticate(
         .machine_by_token_hash(&hash)
         .map_err(|_| AuthFailure::Unavailable)?
     {
-        Some(u) => Ok(crate::hub::Principal {
+        Some(u) => Ok(Principal {
             id: u.id,
             username: u.username,
             role: u.role,
@@ -348,51 +332,115 @@ pub fn parse_bearer(header: Option<&str>) -> Result<&str, BearerError> {
     }
 }
 
-/// Failed logins per client address: after `MAX_FAILURES` within `WINDOW`, every attempt
-/// from that address is refused until the oldest failure leaves the window.
-#[derive(Default)]
-pub struct LoginLimiter {
-    failures: std::sync::Mutex<
-        std::collections::HashMap<std::net::IpAddr, std::collections::VecDeque<std::time::Instant>>,
-    >,
+/// Failures per client address within a sliding window: after `max` of them, every attempt
+/// from that address is refused until the oldest failure leaves the window. Used for logins
+/// (10 in 5 minutes) and for token authentications (`--max-auth-failures` a minute).
+pub struct FailureLimiter {
+    max: usize,
+    window: Duration,
+    failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
 }
 
-impl LoginLimiter {
-    pub const MAX_FAILURES: usize = 10;
-    pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+/// An attempt taken from a `FailureLimiter` before the check it guards. It counts as a
+/// failure from the moment it is taken, so parallel attempts cannot all slip under the limit
+/// while their (slow) verifications run; `release` gives it back.
+pub struct Attempt<'a> {
+    limiter: &'a FailureLimiter,
+    ip: IpAddr,
+    at: Instant,
+}
+
+impl FailureLimiter {
+    /// Above this many tracked addresses, addresses whose window has passed are dropped.
+    const MAX_ADDRESSES: usize = 100_000;
+
+    pub fn new(max: usize, window: Duration) -> FailureLimiter {
+        FailureLimiter {
+            max,
+            window,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The login rule of SPEC section 3: 10 failures in 5 minutes.
+    pub fn for_logins() -> FailureLimiter {
+        FailureLimiter::new(10, Duration::from_secs(300))
+    }
 
     /// `Some(seconds to wait)` when the address is locked out.
-    pub fn retry_after(&self, ip: std::net::IpAddr) -> Option<u64> {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn retry_after(&self, ip: IpAddr) -> Option<u64> {
+        let mut map = self.lock();
+        self.locked(&mut map, ip)
+    }
+
+    pub fn record_failure(&self, ip: IpAddr) {
+        let mut map = self.lock();
+        self.push(&mut map, ip, Instant::now());
+    }
+
+    /// Takes an attempt, or says how long to wait when the address is locked out.
+    pub fn reserve(&self, ip: IpAddr) -> Result<Attempt<'_>, u64> {
+        let mut map = self.lock();
+        if let Some(wait) = self.locked(&mut map, ip) {
+            return Err(wait);
+        }
+        let at = Instant::now();
+        self.push(&mut map, ip, at);
+        Ok(Attempt {
+            limiter: self,
+            ip,
+            at,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, VecDeque<Instant>>> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn locked(&self, map: &mut HashMap<IpAddr, VecDeque<Instant>>, ip: IpAddr) -> Option<u64> {
         let list = map.get_mut(&ip)?;
-        while list.front().is_some_and(|t| t.elapsed() >= Self::WINDOW) {
+        while list.front().is_some_and(|t| t.elapsed() >= self.window) {
             list.pop_front();
         }
         if list.is_empty() {
             map.remove(&ip);
             return None;
         }
-        if list.len() < Self::MAX_FAILURES {
+        if list.len() < self.max {
             return None;
         }
         let oldest = *list.front()?;
         Some(
-            (Self::WINDOW.saturating_sub(oldest.elapsed()))
+            self.window
+                .saturating_sub(oldest.elapsed())
                 .as_secs()
                 .max(1),
         )
     }
 
-    pub fn record_failure(&self, ip: std::net::IpAddr) {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        // Bound memory under a spray of addresses: drop the entries whose window has passed.
-        if map.len() > 100_000 {
-            map.retain(|_, list| list.back().is_some_and(|t| t.elapsed() < Self::WINDOW));
+    fn push(&self, map: &mut HashMap<IpAddr, VecDeque<Instant>>, ip: IpAddr, at: Instant) {
+        if map.len() > Self::MAX_ADDRESSES {
+            map.retain(|_, list| list.back().is_some_and(|t| t.elapsed() < self.window));
         }
         let list = map.entry(ip).or_default();
-        list.push_back(std::time::Instant::now());
-        while list.len() > Self::MAX_FAILURES {
+        list.push_back(at);
+        while list.len() > self.max {
             list.pop_front();
+        }
+    }
+}
+
+impl Attempt<'_> {
+    /// The attempt did not fail (it passed, or never got to the check): it no longer counts.
+    pub fn release(self) {
+        let mut map = self.limiter.lock();
+        if let Some(list) = map.get_mut(&self.ip) {
+            if let Some(i) = list.iter().position(|t| *t == self.at) {
+                list.remove(i);
+            }
+            if list.is_empty() {
+                map.remove(&self.ip);
+            }
         }
     }
 }
@@ -400,10 +448,9 @@ impl LoginLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn keys() -> JwtKeys {
-        JwtKeys::new(vec![7u8; 32], Duration::from_secs(3600))
+        JwtKeys::new(vec![7u8; 32], Duration::from_secs(3600), 0)
     }
 
     #[test]
@@ -416,8 +463,13 @@ mod tests {
             (42, "ADMIN", "echocenter")
         );
         assert_eq!(k.verify(&t, 1_000 + 3600), Err(JwtError::Expired));
-        let other = JwtKeys::new(vec![8u8; 32], Duration::from_secs(3600));
+        let other = JwtKeys::new(vec![8u8; 32], Duration::from_secs(3600), 0);
         assert_eq!(other.verify(&t, 1_001), Err(JwtError::Signature));
+        // A new generation (a data reset) invalidates every JWT issued before it.
+        k.set_generation(1);
+        assert_eq!(k.verify(&t, 1_001), Err(JwtError::Signature));
+        let t1 = k.issue(42, Role::Admin, 1_000);
+        assert!(k.verify(&t1, 1_001).is_ok());
         let mut parts: Vec<&str> = t.split('.').collect();
         let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
         parts[0] = &none_header;
@@ -452,6 +504,24 @@ mod tests {
             parse_bearer(Some("Bearer  abc")),
             Err(BearerError::Malformed)
         );
+    }
+
+    #[test]
+    fn a_reserved_attempt_counts_until_it_succeeds() {
+        let l = FailureLimiter::new(3, Duration::from_secs(60));
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let a = l.reserve(ip).unwrap();
+        let b = l.reserve(ip).unwrap();
+        let _c = l.reserve(ip).unwrap();
+        // Three in flight: a fourth is refused before any of them finished.
+        assert!(l.reserve(ip).is_err());
+        a.release();
+        let _d = l.reserve(ip).unwrap();
+        assert!(l.retry_after(ip).is_some());
+        b.release();
+        assert!(l.retry_after(ip).is_none());
+        // Other addresses are not affected.
+        assert!(l.reserve("10.0.0.2".parse().unwrap()).is_ok());
     }
 
     #[test]

@@ -4,8 +4,9 @@
 use std::ffi::OsString;
 use std::io::Read;
 
-use crate::auth::{self, Role};
+use crate::auth;
 use crate::config::{Config, Environment, Loader};
+use crate::identity::Role;
 use crate::store::{NewMachine, Store, StoreError};
 
 const USAGE: &str = "\

@@ -33,6 +33,12 @@ pub struct Config {
     pub max_message_bytes: usize,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// Peers whose `X-Forwarded-For` names the real client (a local reverse proxy). Their
+    /// own connections are not counted against the per-address cap; the client they name is.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Failed token authentications (REST bearer and `/api/ws`) per client address per
+    /// minute before that address gets 429 for the rest of the minute.
+    pub max_auth_failures: usize,
     pub allowed_origins: Vec<String>,
     pub max_frames_per_second: u32,
     pub metrics_token: Option<String>,
@@ -45,7 +51,71 @@ pub struct Config {
     /// Test only: serve an unauthenticated echo WebSocket at `/api/ws-echo` so a protocol
     /// conformance suite (Autobahn cases) can exercise our WebSocket stack.
     pub conformance_echo: bool,
+    /// Test only: `POST /api/test/panic` makes the HTTP worker that handles it panic, so a
+    /// test can show that REST survives its workers dying.
+    pub fault_injection: bool,
 }
+
+/// An address block such as `127.0.0.1/32` or `fd00::/8`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    net: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let net: std::net::IpAddr = addr.trim().parse().ok()?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max)?,
+            None => max,
+        };
+        Some(Cidr { net, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        // A v4 client seen through a v6 socket (`::ffff:a.b.c.d`) is the v4 address.
+        match (self.net, ip.to_canonical()) {
+            (std::net::IpAddr::V4(net), std::net::IpAddr::V4(ip)) => {
+                prefix_match(&net.octets(), &ip.octets(), self.prefix)
+            }
+            (std::net::IpAddr::V6(net), std::net::IpAddr::V6(ip)) => {
+                prefix_match(&net.octets(), &ip.octets(), self.prefix)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn prefix_match(net: &[u8], ip: &[u8], prefix: u8) -> bool {
+    let full = (prefix / 8) as usize;
+    let rest = prefix % 8;
+    if net[..full] != ip[..full] {
+        return false;
+    }
+    rest == 0 || {
+        let mask = 0xffu8 << (8 - rest);
+        net[full] & mask == ip[full] & mask
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.net, self.prefix)
+    }
+}
+
+/// The default `--trusted-proxies`: this machine itself (a reverse proxy on loopback).
+pub const DEFAULT_TRUSTED_PROXIES: &str = "127.0.0.1/32,::1/128";
+
+/// Most connections one client address may hold unless `--max-connections-per-ip` says
+/// otherwise (never more than `--max-connections`).
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct ConfigError {
@@ -183,7 +253,22 @@ impl<'a> Loader<'a> {
         let max_connections_per_ip = self.number(
             "--max-connections-per-ip",
             "ECHOCENTER_MAX_CONNECTIONS_PER_IP",
-            max_connections,
+            DEFAULT_MAX_CONNECTIONS_PER_IP.min(max_connections),
+            1,
+            1_000_000,
+        )?;
+        let trusted_proxies =
+            match self.pick("--trusted-proxies", &["ECHOCENTER_TRUSTED_PROXIES"])? {
+                Some(raw) => parse_cidrs(&raw)?,
+                None => parse_cidrs(&Raw {
+                    source: "--trusted-proxies".into(),
+                    value: DEFAULT_TRUSTED_PROXIES.into(),
+                })?,
+            };
+        let max_auth_failures = self.number(
+            "--max-auth-failures",
+            "ECHOCENTER_MAX_AUTH_FAILURES",
+            120,
             1,
             1_000_000,
         )?;
@@ -234,6 +319,7 @@ impl<'a> Loader<'a> {
             });
         }
         let conformance_echo = self.args.contains("--conformance-echo");
+        let fault_injection = self.args.contains("--fault-injection");
         Ok(Config {
             addr,
             db,
@@ -245,6 +331,8 @@ impl<'a> Loader<'a> {
             max_message_bytes,
             max_connections,
             max_connections_per_ip,
+            trusted_proxies,
+            max_auth_failures,
             allowed_origins,
             max_frames_per_second,
             metrics_token,
@@ -253,6 +341,7 @@ impl<'a> Loader<'a> {
             ws_ping_interval,
             ws_idle_timeout,
             conformance_echo,
+            fault_injection,
         })
     }
 
@@ -356,6 +445,26 @@ fn parse_env_strict(raw: &Raw) -> Result<Environment, ConfigError> {
             message: format!("expected development or production, got {:?}", raw.value),
         }),
     }
+}
+
+/// A comma-separated list of addresses or CIDR blocks; `none` for an empty list.
+fn parse_cidrs(raw: &Raw) -> Result<Vec<Cidr>, ConfigError> {
+    if raw.value.trim().eq_ignore_ascii_case("none") {
+        return Ok(Vec::new());
+    }
+    raw.value
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|part| {
+            Cidr::parse(part).ok_or_else(|| ConfigError {
+                source: raw.source.clone(),
+                message: format!(
+                    "expected addresses or CIDR blocks like 127.0.0.1/32,10.0.0.0/8 (or none), got {part:?}"
+                ),
+            })
+        })
+        .collect()
 }
 
 fn parse_origins(raw: &Raw) -> Result<Vec<String>, ConfigError> {
@@ -492,6 +601,30 @@ mod tests {
     fn an_overridden_value_is_not_parsed() {
         let c = load(&["--jwt-ttl", "1h"], &[("ECHOCENTER_JWT_TTL", "garbage")]).unwrap();
         assert_eq!(c.jwt_ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn trusted_proxies_default_to_loopback_and_parse_cidrs() {
+        let c = load(&[], &[]).unwrap();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let trusted = |c: &Config, s: &str| c.trusted_proxies.iter().any(|n| n.contains(ip(s)));
+        assert!(trusted(&c, "127.0.0.1"));
+        assert!(trusted(&c, "::1"));
+        assert!(trusted(&c, "::ffff:127.0.0.1"));
+        assert!(!trusted(&c, "127.0.0.2"));
+        assert!(!trusted(&c, "10.0.0.1"));
+        assert_eq!(c.max_connections_per_ip, 256);
+        let c = load(&["--trusted-proxies", "10.1.0.0/16, fd00::/8"], &[]).unwrap();
+        assert!(trusted(&c, "10.1.200.3"));
+        assert!(!trusted(&c, "10.2.0.1"));
+        assert!(trusted(&c, "fd12::1"));
+        assert!(!trusted(&c, "127.0.0.1"));
+        let c = load(&["--trusted-proxies", "none"], &[]).unwrap();
+        assert!(c.trusted_proxies.is_empty());
+        let e = load(&[], &[("ECHOCENTER_TRUSTED_PROXIES", "10.0.0.0/33")]).unwrap_err();
+        assert_eq!(e.source, "ECHOCENTER_TRUSTED_PROXIES");
+        let c = load(&["--max-connections", "100"], &[]).unwrap();
+        assert_eq!(c.max_connections_per_ip, 100);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use serde_json::value::RawValue;
 use tungstenite::Utf8Bytes;
 
-use crate::auth::Role;
+use crate::identity::{Principal, Role};
 use crate::metrics::Metrics;
 use crate::store::{self, ChatRow, NewChat, NewLog, Store, Stored};
 use crate::wire::{self, Frame};
@@ -42,18 +42,6 @@ const REPLAY_PAGE: i64 = 64;
 const DIRECTORY_TTL: Duration = Duration::from_secs(5);
 /// Size at which expired lookups are pruned from the cache.
 const DIRECTORY_MAX: usize = 10_000;
-
-/// Who is on the other end of a connection.
-#[derive(Clone, Debug)]
-pub struct Principal {
-    pub id: i64,
-    pub username: String,
-    pub role: Role,
-    /// For machines: the hash of the token this session authenticated with.
-    pub token_hash: Option<String>,
-    /// For humans: when the session's JWT expires (seconds since the epoch).
-    pub expires_at: Option<i64>,
-}
 
 /// One frame queued for a connection's writer.
 pub struct Outbound {
@@ -989,6 +977,15 @@ fn static_type(kind: &str) -> Option<&'static str> {
 
 /// Parses and validates an envelope; see SPEC section 4 for the field rules.
 fn parse_envelope(text: &str) -> Result<Envelope, (FrameError, Option<String>)> {
+    if !wire::is_json_object(text.as_bytes()) {
+        // Valid JSON that is not an object (serde would read an array as the fields in
+        // order), or not JSON at all.
+        let err = match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => refuse("bad_envelope", "a frame must be a JSON object"),
+            Err(_) => refuse("bad_json", "the frame is not valid JSON"),
+        };
+        return Err((err, None));
+    }
     let raw: wire::RawEnvelope = serde_json::from_str(text).map_err(|e| {
         let err = match e.classify() {
             serde_json::error::Category::Data => refuse(
@@ -1000,13 +997,27 @@ fn parse_envelope(text: &str) -> Result<Envelope, (FrameError, Option<String>)> 
         (err, None)
     })?;
     // Errors about a readable envelope carry its local_id, so the client can match them.
-    let local_id = raw
-        .local_id
+    let local_id = usable_local_id(&raw);
+    validate_envelope(raw).map_err(|e| (e, local_id))
+}
+
+fn usable_local_id(raw: &wire::RawEnvelope) -> Option<String> {
+    raw.local_id
         .as_ref()
         .and_then(|v| v.as_str())
         .filter(|s| !s.is_empty() && s.len() <= 128)
-        .map(str::to_string);
-    validate_envelope(raw).map_err(|e| (e, local_id))
+        .map(str::to_string)
+}
+
+/// The `local_id` of a frame that will not be handled (it was over the rate), so the ERROR
+/// that says so can name it. Only the envelope's own fields are looked at.
+pub fn peek_local_id(text: &str) -> Option<String> {
+    if !wire::is_json_object(text.as_bytes()) {
+        return None;
+    }
+    serde_json::from_str::<wire::RawEnvelope>(text)
+        .ok()
+        .and_then(|raw| usable_local_id(&raw))
 }
 
 fn validate_envelope(raw: wire::RawEnvelope<'_>) -> Result<Envelope, FrameError> {
@@ -1049,6 +1060,18 @@ fn validate_envelope(raw: wire::RawEnvelope<'_>) -> Result<Envelope, FrameError>
                 .ok_or_else(|| refuse("bad_envelope", "conversation_id must be an integer"))?,
         ),
     };
+    if raw
+        .payload
+        .is_some_and(|p| wire::nesting_depth(p.get()) > wire::MAX_PAYLOAD_DEPTH)
+    {
+        return Err(refuse(
+            "bad_envelope",
+            format!(
+                "payload is nested deeper than {} levels",
+                wire::MAX_PAYLOAD_DEPTH
+            ),
+        ));
+    }
     Ok(Envelope {
         kind,
         target_id,
@@ -1076,6 +1099,10 @@ pub fn parse_log_payload(payload: Option<&RawValue>) -> Result<(String, String),
     let payload = payload.ok_or_else(bad)?;
     if let Ok(content) = serde_json::from_str::<String>(payload.get()) {
         return Ok(("INFO".into(), content));
+    }
+    // An object, not an array read as its fields in order.
+    if !wire::is_json_object(payload.get().as_bytes()) {
+        return Err(bad());
     }
     let body: LogBody = serde_json::from_str(payload.get()).map_err(|_| bad())?;
     let level = normalize_level(body.level.as_deref())
@@ -1227,6 +1254,24 @@ mod tests {
             Some("bad_envelope")
         );
         assert_eq!(code(r#"{"type":"NOPE"}"#), Some("unknown_type"));
+        assert_eq!(code(r#"["CHAT",2,"hi"]"#), Some("bad_envelope"));
+        assert_eq!(code(r#"[1,2"#), Some("bad_json"));
+        let deep = format!(
+            r#"{{"type":"CHAT","target_id":1,"payload":{}{}}}"#,
+            "[".repeat(65),
+            "]".repeat(65)
+        );
+        assert_eq!(code(&deep), Some("bad_envelope"));
+        let ok = format!(
+            r#"{{"type":"CHAT","target_id":1,"payload":{}{}}}"#,
+            "[".repeat(64),
+            "]".repeat(64)
+        );
+        assert_eq!(code(&ok), None);
+        assert_eq!(
+            peek_local_id(r#"{"type":"CHAT","local_id":"l-9"}"#).as_deref(),
+            Some("l-9")
+        );
         assert_eq!(code(r#"{"type":"ACK"}"#), Some("forbidden"));
         let long = "x".repeat(129);
         assert_eq!(
@@ -1250,6 +1295,10 @@ mod tests {
         assert_eq!(p(r#"{"content":"x"}"#).unwrap().0, "INFO");
         assert!(p(r#"{"level":"bad level","content":"x"}"#).is_err());
         assert!(p(r#"{"level":"INFO"}"#).is_err());
+        assert!(
+            p(r#"["INFO","x"]"#).is_err(),
+            "an array is not {{level, content}}"
+        );
         assert!(p("42").is_err());
         assert!(parse_log_payload(None).is_err());
     }

@@ -1,5 +1,7 @@
 //! EchoCenter: a self-hosted hub for machine agents. See README.md and ARCHITECTURE.md.
 
+mod accept;
+mod app;
 mod auth;
 mod cli;
 mod clock;
@@ -7,6 +9,7 @@ mod config;
 mod dashboard;
 mod http;
 mod hub;
+mod identity;
 mod logging;
 mod metrics;
 mod server;

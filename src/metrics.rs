@@ -4,7 +4,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
-use crate::auth::Role;
+use crate::identity::Role;
 
 /// Frame types counted in and out; anything else is counted as `other`.
 pub const FRAME_TYPES: &[&str] = &[
@@ -40,7 +40,11 @@ pub const LIMITS: &[&str] = &[
     "user_connections",
     "head_too_large",
     "head_timeout",
+    "body_timeout",
+    "body_malformed",
     "body_too_large",
+    "send_timeout",
+    "auth_throttled",
     "message_too_large",
     "login_rate_limited",
     "frame_rate_limited",
@@ -59,6 +63,8 @@ pub struct Metrics {
     pub auth_failures: AtomicU64,
     pub accept_errors: AtomicU64,
     pub http_requests: AtomicU64,
+    /// Request handlers that panicked (the worker survives; the request gets 500).
+    pub worker_panics: AtomicU64,
 }
 
 fn role_index(role: Role) -> usize {
@@ -152,6 +158,7 @@ impl Metrics {
             ("echocenter_auth_failures_total", &self.auth_failures),
             ("echocenter_accept_errors_total", &self.accept_errors),
             ("echocenter_http_requests_total", &self.http_requests),
+            ("echocenter_http_worker_panics_total", &self.worker_panics),
         ];
         for (name, v) in simple {
             let _ = writeln!(s, "# TYPE {name} counter\n{name} {}", v.load(Relaxed));

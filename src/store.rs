@@ -20,9 +20,9 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde_json::value::RawValue;
 
-use crate::auth::Role;
 use crate::clock;
 use crate::config::Sync;
+use crate::identity::Role;
 
 /// Numbered migrations, applied in order, each in its own transaction, recorded by name.
 const MIGRATIONS: &[(&str, &str)] = &[("001_initial", include_str!("../sql/001_initial.sql"))];
@@ -102,6 +102,8 @@ pub struct LogQuery {
     pub agent_id: Option<String>,
     pub level: Option<String>,
     pub q: Option<String>,
+    /// The page stops once its rows' content takes this many bytes of JSON (at least one row).
+    pub max_bytes: usize,
 }
 
 #[derive(Debug)]
@@ -483,19 +485,24 @@ impl Store {
              ORDER BY id DESC LIMIT ?4 OFFSET ?5",
         )?;
         let pattern = q.q.as_deref().map(|s| format!("%{}%", escape_like(s)));
-        let rows = stmt.query_map(
-            params![q.agent_id, q.level, pattern, q.limit, q.offset],
-            |r| {
-                Ok(LogRow {
-                    id: r.get(0)?,
-                    agent_id: r.get(1)?,
-                    level: r.get(2)?,
-                    content: r.get(3)?,
-                    timestamp: r.get(4)?,
-                })
-            },
-        )?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+        let mut rows = stmt.query(params![q.agent_id, q.level, pattern, q.limit, q.offset])?;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while let Some(r) = rows.next()? {
+            let row = LogRow {
+                id: r.get(0)?,
+                agent_id: r.get(1)?,
+                level: r.get(2)?,
+                content: r.get(3)?,
+                timestamp: r.get(4)?,
+            };
+            bytes += crate::wire::json_escaped_len(&row.content);
+            if bytes > q.max_bytes && !out.is_empty() {
+                break;
+            }
+            out.push(row);
+        }
+        Ok(out)
     }
 
     // ----- chat -------------------------------------------------------------------------

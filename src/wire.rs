@@ -10,6 +10,60 @@ pub const SERVER_ID: i64 = 0;
 pub const SERVER_NAME: &str = "echocenter";
 pub const SERVER_ROLE: &str = "SERVER";
 
+/// Deepest nesting of arrays and objects a frame's payload may have. Deeper payloads are
+/// refused: they are of no use to anyone, and relayed they crash clients whose JSON parsers
+/// recurse (Python's `json.loads` raises `RecursionError` near 1,000 levels).
+pub const MAX_PAYLOAD_DEPTH: usize = 64;
+
+/// Whether `bytes` (JSON text) starts with an object, ignoring leading white space. Serde's
+/// derived structs would also accept an array, as their fields in order.
+pub fn is_json_object(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'{')
+}
+
+/// The deepest nesting of arrays and objects in JSON text (0 for a scalar). Brackets inside
+/// strings do not count. Linear, no recursion: safe on hostile input of any depth.
+pub fn nesting_depth(json: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for b in json.bytes() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// How many bytes `s` takes as a JSON string's contents (escapes included, quotes not),
+/// exactly as serde_json writes it.
+pub fn json_escaped_len(s: &str) -> usize {
+    s.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum()
+}
+
 /// An inbound frame as the client sent it, before validation. Fields the server sets
 /// (`id`, `sender_*`, `timestamp`) are not read at all, so client values are ignored.
 #[derive(Deserialize)]
@@ -270,4 +324,44 @@ pub struct DevToken<'a> {
     pub username: &'a str,
     pub role: &'a str,
     pub api_token: &'a str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_depth_counts_brackets_outside_strings() {
+        assert_eq!(nesting_depth("42"), 0);
+        assert_eq!(nesting_depth(r#""[[[""#), 0);
+        assert_eq!(nesting_depth(r#"{"a":[1,{"b":2}]}"#), 3);
+        assert_eq!(nesting_depth(r#"["\"[", [[]]]"#), 3);
+        let deep = "[".repeat(30_000) + &"]".repeat(30_000);
+        assert_eq!(nesting_depth(&deep), 30_000);
+    }
+
+    #[test]
+    fn escaped_length_matches_serde() {
+        for s in [
+            "plain",
+            "quote\" back\\ nl\n tab\t",
+            "\u{7}\u{1f}\u{0}",
+            "é ✓",
+            "",
+        ] {
+            assert_eq!(
+                json_escaped_len(s) + 2,
+                serde_json::to_string(s).unwrap().len(),
+                "{s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_objects_are_objects() {
+        assert!(is_json_object(b" \n{\"a\":1}"));
+        assert!(!is_json_object(b"[]"));
+        assert!(!is_json_object(b""));
+        assert!(!is_json_object(b"\"x\""));
+    }
 }

@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{IpAddr, Shutdown, TcpStream};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,11 +20,13 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role as WsRole, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
+use crate::accept::{respond_json, Head};
+use crate::app::App;
 use crate::auth::{self, AuthFailure};
 use crate::hub::{
-    Conn, ConnQueues, Control, FrameError, Hub, InFlight, Outbound, Principal, RegisterError, Step,
+    Conn, ConnQueues, Control, FrameError, Hub, InFlight, Outbound, RegisterError, Step,
 };
-use crate::server::{respond_json, App, Head};
+use crate::identity::Principal;
 use crate::wire::{self, Frame};
 use crate::{clock, log_debug, log_info, log_warn};
 
@@ -44,28 +46,17 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Completes (or refuses) an upgrade on `/api/ws`, then serves the connection until it ends.
-pub fn serve(app: &Arc<App>, mut stream: TcpStream, head: Head, leftover: Vec<u8>) {
-    let principal = match check_upgrade(app, &head) {
+pub fn serve(app: &Arc<App>, mut stream: TcpStream, head: Head, leftover: Vec<u8>, peer: IpAddr) {
+    let (principal, key) = match check_upgrade(app, &head, peer) {
         Ok(p) => p,
-        Err((status, error)) => {
-            respond_json(
-                &mut stream,
-                status,
-                &format!("{{\"error\":\"{error}\"}}"),
-                &[],
-            );
-            return;
-        }
-    };
-    let key = match head.header("sec-websocket-key") {
-        Some(k) if head.header("sec-websocket-version") == Some("13") => k.to_string(),
-        _ => {
-            respond_json(
-                &mut stream,
-                400,
-                r#"{"error":"unsupported websocket version"}"#,
-                &[("Sec-WebSocket-Version", "13")],
-            );
+        Err(refusal) => {
+            let body = format!("{{\"error\":\"{}\"}}", refusal.error);
+            let extra: Vec<(&str, &str)> = refusal
+                .headers
+                .iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .collect();
+            respond_json(&mut stream, refusal.status, &body, &extra);
             return;
         }
     };
@@ -107,8 +98,60 @@ pub fn serve(app: &Arc<App>, mut stream: TcpStream, head: Head, leftover: Vec<u8
     run_connection(app, stream, leftover, conn, queues, first);
 }
 
-/// The checks of SPEC section 4, in order (the connection cap was checked at accept).
-fn check_upgrade(app: &App, head: &Head) -> Result<Principal, (u16, &'static str)> {
+/// Why an upgrade was refused: the HTTP answer.
+struct Refusal {
+    status: u16,
+    error: &'static str,
+    headers: Vec<(&'static str, String)>,
+}
+
+fn refusal(status: u16, error: &'static str) -> Refusal {
+    Refusal {
+        status,
+        error,
+        headers: Vec::new(),
+    }
+}
+
+/// Whether the head is a WebSocket opening handshake at all (RFC 6455 section 4.1: GET,
+/// HTTP/1.1 or later, `Upgrade: websocket`, `Connection: upgrade`).
+fn is_upgrade(head: &Head) -> bool {
+    head.method == "GET"
+        && head.version >= 1
+        && head
+            .header("upgrade")
+            .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
+        && head.header("connection").is_some_and(|c| {
+            c.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("upgrade"))
+        })
+}
+
+/// A `Sec-WebSocket-Key` is the base64 of a 16-byte nonce (RFC 6455 section 4.1).
+fn valid_key(key: &str) -> bool {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .is_ok_and(|nonce| nonce.len() == 16)
+}
+
+/// The checks of SPEC section 4 (the connection cap was checked at accept), except that the
+/// handshake itself is checked before the token: answering 426 for a good token and 401 for
+/// a bad one would let anyone test tokens without completing an upgrade. An address with too
+/// many failed authentications is refused before its token is looked at.
+fn check_upgrade(app: &App, head: &Head, peer: IpAddr) -> Result<(Principal, String), Refusal> {
+    if !is_upgrade(head) {
+        return Err(refusal(426, "websocket upgrade required"));
+    }
+    if head.header("sec-websocket-version") != Some("13") {
+        let mut r = refusal(400, "unsupported websocket version");
+        r.headers.push(("Sec-WebSocket-Version", "13".into()));
+        return Err(r);
+    }
+    let key = match head.header("sec-websocket-key") {
+        Some(k) if valid_key(k) => k.to_string(),
+        _ => return Err(refusal(400, "invalid Sec-WebSocket-Key")),
+    };
     let token = head
         .query_param("token")
         .filter(|t| !t.is_empty())
@@ -119,32 +162,29 @@ fn check_upgrade(app: &App, head: &Head) -> Result<Principal, (u16, &'static str
         });
     let Some(token) = token else {
         app.hub.metrics.auth_failures.fetch_add(1, Relaxed);
-        return Err((401, "token is required"));
+        return Err(refusal(401, "token is required"));
     };
+    if let Some(wait) = app.token_failures.retry_after(peer) {
+        app.hub.metrics.limit("auth_throttled");
+        let mut r = refusal(429, "too many failed authentications");
+        r.headers.push(("Retry-After", wait.to_string()));
+        return Err(r);
+    }
     let principal = match auth::authenticate(&app.store, &app.keys, &token) {
         Ok(p) => p,
         Err(AuthFailure::Invalid) => {
             app.hub.metrics.auth_failures.fetch_add(1, Relaxed);
-            return Err((401, "invalid credentials"));
+            app.token_failures.record_failure(peer);
+            return Err(refusal(401, "invalid credentials"));
         }
-        Err(AuthFailure::Unavailable) => return Err((500, "internal server error")),
+        Err(AuthFailure::Unavailable) => return Err(refusal(500, "internal server error")),
     };
-    let upgrade = head
-        .header("upgrade")
-        .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
-        && head.header("connection").is_some_and(|c| {
-            c.split(',')
-                .any(|p| p.trim().eq_ignore_ascii_case("upgrade"))
-        });
-    if !upgrade || head.method != "GET" {
-        return Err((426, "websocket upgrade required"));
-    }
     if let Some(origin) = head.header("origin") {
         if !app.origin_allowed(origin, head.header("host")) {
-            return Err((403, "origin not allowed"));
+            return Err(refusal(403, "origin not allowed"));
         }
     }
-    Ok(principal)
+    Ok((principal, key))
 }
 
 fn ws_config(app: &App) -> WebSocketConfig {
@@ -182,7 +222,7 @@ fn run_connection(
         let config = ws_config(&app);
         std::thread::Builder::new()
             .name(format!("ws-writer-{}", conn.id))
-            .stack_size(crate::server::THREAD_STACK)
+            .stack_size(crate::accept::THREAD_STACK)
             .spawn(move || {
                 let ws = WebSocket::from_raw_socket(write_stream, WsRole::Server, Some(config));
                 run_writer(&app, &conn, queues, ws, replay);
@@ -448,12 +488,13 @@ fn read_frames(app: &App, conn: &Arc<Conn>, ws: &mut WebSocket<ReadHalf>, pipeli
                 return;
             }
             hub.metrics.limit("frame_rate_limited");
+            let local_id = text.ok().and_then(crate::hub::peek_local_id);
             send_error(
                 hub,
                 conn,
                 "rate_limited",
                 "too many frames; this one was dropped",
-                None,
+                local_id.as_deref(),
             );
             if rate.limited_too_long() {
                 conn.close(1008, "rate limited");
@@ -721,7 +762,7 @@ pub fn serve_echo(app: &Arc<App>, mut stream: TcpStream, head: Head, leftover: V
     let config = ws_config(app);
     let writer = std::thread::Builder::new()
         .name("ws-echo-writer".into())
-        .stack_size(crate::server::THREAD_STACK)
+        .stack_size(crate::accept::THREAD_STACK)
         .spawn(move || {
             let mut ws = WebSocket::from_raw_socket(write_stream, WsRole::Server, Some(config));
             for message in rx {

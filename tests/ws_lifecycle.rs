@@ -5,39 +5,114 @@ use serde_json::json;
 use std::time::Duration;
 use tungstenite::Message;
 
+/// The headers of a well-formed opening handshake, plus `extra`.
+fn handshake(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut h = vec![
+        ("Upgrade".to_string(), "websocket".to_string()),
+        ("Connection".to_string(), "Upgrade".to_string()),
+        ("Sec-WebSocket-Version".to_string(), "13".to_string()),
+        (
+            "Sec-WebSocket-Key".to_string(),
+            "dGhlIHNhbXBsZSBub25jZQ==".to_string(),
+        ),
+    ];
+    for (k, v) in extra {
+        h.retain(|(name, _)| !name.eq_ignore_ascii_case(k));
+        h.push((k.to_string(), v.to_string()));
+    }
+    h
+}
+
 #[test]
-fn upgrade_checks_answer_in_spec_order() {
+fn upgrade_checks_answer_in_order_handshake_before_token() {
     let s = Server::start_with(&["--allowed-origins", "https://ops.example.com"], &[]);
     let admin = s.admin_token();
-    let r = s.request("GET", "/api/ws", None, None);
+    // Not a handshake: 426 whatever the token, so a plain GET cannot test tokens.
+    for path in [
+        "/api/ws".to_string(),
+        "/api/ws?token=nope".to_string(),
+        format!("/api/ws?token={admin}"),
+    ] {
+        let r = s.request("GET", &path, None, None);
+        assert_eq!(
+            (r.status, r.error().as_str()),
+            (426, "websocket upgrade required"),
+            "{path}"
+        );
+    }
+    let r = s.raw_request("GET", "/api/ws", &handshake(&[]), None);
     assert_eq!((r.status, r.error().as_str()), (401, "token is required"));
-    let r = s.request("GET", "/api/ws?token=nope", None, None);
+    let r = s.raw_request("GET", "/api/ws?token=nope", &handshake(&[]), None);
     assert_eq!((r.status, r.error().as_str()), (401, "invalid credentials"));
-    let r = s.request("GET", &format!("/api/ws?token={admin}"), None, None);
-    assert_eq!(
-        (r.status, r.error().as_str()),
-        (426, "websocket upgrade required")
-    );
     let upgrade = |origin: &str| {
-        let headers = vec![
-            ("Upgrade".to_string(), "websocket".to_string()),
-            ("Connection".to_string(), "Upgrade".to_string()),
-            ("Sec-WebSocket-Version".to_string(), "13".to_string()),
-            (
-                "Sec-WebSocket-Key".to_string(),
-                "dGhlIHNhbXBsZSBub25jZQ==".to_string(),
-            ),
-            ("Origin".to_string(), origin.to_string()),
-        ];
-        s.raw_request("GET", &format!("/api/ws?token={admin}"), &headers, None)
+        s.raw_request(
+            "GET",
+            &format!("/api/ws?token={admin}"),
+            &handshake(&[("Origin", origin)]),
+            None,
+        )
     };
     let r = upgrade("https://evil.example.com");
     assert_eq!((r.status, r.error().as_str()), (403, "origin not allowed"));
     assert_eq!(upgrade("https://ops.example.com").status, 101);
     assert_eq!(upgrade(&format!("http://{}", s.addr)).status, 101);
     // The Bearer header works as well as ?token=.
-    let headers = vec![("Authorization".to_string(), "Bearer nope".to_string())];
-    assert_eq!(s.raw_request("GET", "/api/ws", &headers, None).status, 401);
+    let r = s.raw_request(
+        "GET",
+        "/api/ws",
+        &handshake(&[("Authorization", "Bearer nope")]),
+        None,
+    );
+    assert_eq!(r.status, 401);
+}
+
+#[test]
+fn malformed_handshakes_are_refused_before_the_token_is_read() {
+    let s = Server::start();
+    let admin = s.admin_token();
+    let path = format!("/api/ws?token={admin}");
+    // A key that is not the base64 of 16 bytes.
+    for key in [
+        "",
+        "abc",
+        "dGhlIHNhbXBsZSBub25jZSEh",
+        "!!!!!!!!!!!!!!!!!!!!!!==",
+    ] {
+        let r = s.raw_request(
+            "GET",
+            &path,
+            &handshake(&[("Sec-WebSocket-Key", key)]),
+            None,
+        );
+        assert_eq!(
+            (r.status, r.error().as_str()),
+            (400, "invalid Sec-WebSocket-Key"),
+            "key {key:?}"
+        );
+    }
+    let r = s.raw_request(
+        "GET",
+        &path,
+        &handshake(&[("Sec-WebSocket-Version", "8")]),
+        None,
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.header("Sec-WebSocket-Version"), Some("13"));
+    // HTTP/1.0 cannot upgrade (RFC 6455 section 4.1); a POST is not a handshake either.
+    let mut raw = std::net::TcpStream::connect(&s.addr).unwrap();
+    use std::io::{Read, Write};
+    raw.write_all(
+        format!(
+            "GET {path} HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut answer = String::new();
+    raw.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
+    let r = s.raw_request("POST", &path, &handshake(&[]), Some(b"{}"));
+    assert_eq!(r.status, 426, "{}", r.body);
 }
 
 #[test]

@@ -1,30 +1,65 @@
 //! REST: one `match` on (method, path) and a plain function per route. Each handler checks,
 //! in SPEC order: route (404/405), authentication and role (401/403), body size (413),
 //! validation (400). Authentication is an explicit call at the top of the handler.
+//!
+//! Handlers see only our own `Request` (method, path, query, headers, client address, body);
+//! `bridge` turns what arrives on the public port into one, and is the only file that names
+//! the HTTP library underneath.
 
-use std::io::Read;
+pub mod bridge;
+
 use std::net::IpAddr;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use subtle::ConstantTimeEq;
-use tiny_http::{Header, Method, Request, Response};
 
-use crate::auth::{self, AuthFailure, BearerError, Role};
-use crate::hub::Principal;
-use crate::server::{query_param, App};
+use crate::accept::query_param;
+use crate::app::App;
+use crate::auth::{self, AuthFailure, BearerError};
+use crate::identity::{Principal, Role};
 use crate::store::{LogQuery, NewChat, NewLog, NewMachine, StoreError, UserRow};
 use crate::wire::{self, UserView};
 use crate::{clock, log_error};
 
+/// Largest request body of any route (SPEC section 3).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// A page of `GET /api/messages` stops once its rows' content takes this much JSON (it always
+/// has at least one row), so a page of long lines cannot grow to `limit` × the longest line.
+pub const LOG_PAGE_BYTES: usize = 2 << 20;
+
+/// A request as handlers see it: complete, its body already read and bounded by the bridge.
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: Vec<(String, String)>,
+    /// The client's address (through a trusted proxy: the client it names).
+    pub peer: IpAddr,
+    pub body: Body,
+}
+
+/// A request body: whole, or over the limit (and then never read).
+pub enum Body {
+    Complete(Vec<u8>),
+    TooLarge,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
 
 /// A response before it is written.
 pub struct Reply {
-    status: u16,
-    body: String,
-    content_type: &'static str,
-    headers: Vec<(&'static str, String)>,
+    pub status: u16,
+    pub body: String,
+    pub content_type: &'static str,
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl Reply {
@@ -50,7 +85,7 @@ impl Reply {
         Reply::json(status, &wire::ErrorBody { error: message })
     }
 
-    fn with_header(mut self, name: &'static str, value: String) -> Reply {
+    pub fn with_header(mut self, name: &'static str, value: String) -> Reply {
         self.headers.push((name, value));
         self
     }
@@ -93,6 +128,7 @@ enum Endpoint {
     DevReset,
     DevChat,
     Ws,
+    TestPanic,
 }
 
 fn endpoint(path: &str) -> Option<Endpoint> {
@@ -117,116 +153,116 @@ fn endpoint(path: &str) -> Option<Endpoint> {
         ["api", "chat", "butler-agent", agent] => Endpoint::ButlerAgent(owned(agent)),
         ["api", "chat", "auth", "response"] => Endpoint::AuthResponse,
         ["api", "dev", "mock", "agent-token", name] => {
-            Endpoint::DevToken(crate::server::percent_decode(name))
+            Endpoint::DevToken(crate::accept::percent_decode(name))
         }
         ["api", "dev", "mock", "reset"] => Endpoint::DevReset,
         ["api", "dev", "mock", "chat"] => Endpoint::DevChat,
+        ["api", "test", "panic"] => Endpoint::TestPanic,
         _ => return None,
     })
 }
 
-/// Everything a handler needs from the request besides the body.
+/// Everything a handler needs: the application and the request.
 struct Ctx<'a> {
     app: &'a App,
+    req: &'a Request,
     peer: IpAddr,
-    query: Option<String>,
-    authorization: Option<String>,
-    content_length: Option<usize>,
 }
 
-pub fn handle(app: &App, mut req: Request) {
+/// Answers one request. Never panics on its own account; the bridge catches a panic of a
+/// handler anyway.
+pub fn handle(app: &App, req: &Request) -> Reply {
     app.hub
         .metrics
         .http_requests
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let header = |name: &str| {
-        req.headers()
-            .iter()
-            .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-            .map(|h| h.value.as_str().to_string())
-    };
-    let peer = header("x-echocenter-peer")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-    let origin = header("origin");
-    let url = req.url().to_string();
-    let (path, query) = match url.split_once('?') {
-        Some((p, q)) => (p.to_string(), Some(q.to_string())),
-        None => (url.clone(), None),
-    };
     let ctx = Ctx {
         app,
-        peer,
-        query,
-        authorization: header("authorization"),
-        content_length: req.body_length(),
+        req,
+        peer: req.peer,
     };
-    let cors_origin = origin.filter(|o| app.config.allowed_origins.iter().any(|a| a == o));
-    let method = req.method().clone();
-    let reply = if method == Method::Options && cors_origin.is_some() && endpoint(&path).is_some() {
-        Reply {
-            status: 204,
-            body: String::new(),
-            content_type: "text/plain",
-            headers: vec![
-                (
-                    "Access-Control-Allow-Methods",
-                    "GET, POST, PATCH, DELETE".into(),
-                ),
-                (
-                    "Access-Control-Allow-Headers",
-                    "Authorization, Content-Type".into(),
-                ),
-                ("Access-Control-Max-Age", "600".into()),
-            ],
-        }
-    } else {
-        route(&ctx, &method, &path, req.as_reader()).unwrap_or_else(|r| r)
-    };
-    let mut response = Response::from_string(reply.body).with_status_code(reply.status);
-    let mut headers = reply.headers;
-    headers.push(("Content-Type", reply.content_type.to_string()));
+    let cors_origin = req
+        .header("origin")
+        .filter(|o| app.config.allowed_origins.iter().any(|a| a == o))
+        .map(str::to_string);
+    let mut reply =
+        if req.method == "OPTIONS" && cors_origin.is_some() && endpoint(&req.path).is_some() {
+            Reply {
+                status: 204,
+                body: String::new(),
+                content_type: "text/plain",
+                headers: vec![
+                    (
+                        "Access-Control-Allow-Methods",
+                        "GET, POST, PATCH, DELETE".into(),
+                    ),
+                    (
+                        "Access-Control-Allow-Headers",
+                        "Authorization, Content-Type".into(),
+                    ),
+                    ("Access-Control-Max-Age", "600".into()),
+                ],
+            }
+        } else {
+            route(&ctx).unwrap_or_else(|r| r)
+        };
+    // Whatever the route, a request with an over-limit body never succeeds: a handler that
+    // takes no body did not look at it, and this holds for it too (after route and auth).
+    if matches!(req.body, Body::TooLarge) && reply.status < 400 {
+        app.hub.metrics.limit("body_too_large");
+        reply = Reply::error(413, "request body too large");
+    }
     if let Some(o) = cors_origin {
-        headers.push(("Access-Control-Allow-Origin", o));
-        headers.push(("Access-Control-Expose-Headers", "X-Total-Count".into()));
-        headers.push(("Vary", "Origin".into()));
+        reply.headers.push(("Access-Control-Allow-Origin", o));
+        reply
+            .headers
+            .push(("Access-Control-Expose-Headers", "X-Total-Count".into()));
+        reply.headers.push(("Vary", "Origin".into()));
     }
-    for (k, v) in headers {
-        if let Ok(h) = Header::from_bytes(k.as_bytes(), v.as_bytes()) {
-            response.add_header(h);
-        }
-    }
-    let _ = req.respond(response);
+    reply
+        .headers
+        .push(("X-Content-Type-Options", "nosniff".into()));
+    reply
 }
 
-fn route(ctx: &Ctx, method: &Method, path: &str, body: &mut dyn Read) -> Result<Reply> {
-    use Method::{Delete, Get, Patch, Post};
-    let Some(ep) = endpoint(path) else {
+fn route(ctx: &Ctx) -> Result<Reply> {
+    let Some(ep) = endpoint(&ctx.req.path) else {
         return Err(Reply::error(404, "not found"));
     };
+    // HEAD is GET without the body (the bridge's HTTP layer leaves the body out).
+    let method = match ctx.req.method.as_str() {
+        "HEAD" => "GET",
+        m => m,
+    };
     match (ep, method) {
-        (Endpoint::Dashboard, Get) => Ok(crate::dashboard::page()),
-        (Endpoint::Ping, Get) => Ok(Reply::json(200, &serde_json::json!({"message": "pong"}))),
-        (Endpoint::Ws, Get) => Err(Reply::error(426, "websocket upgrade required")),
-        (Endpoint::Login, Post) => login(ctx, body),
-        (Endpoint::Me, Get) => me(ctx),
-        (Endpoint::Messages, Get) => list_logs(ctx),
-        (Endpoint::Messages, Post) => post_log(ctx, body),
-        (Endpoint::Users, Post) => create_user(ctx, body),
-        (Endpoint::Agents, Get) => list_agents(ctx),
-        (Endpoint::Agents, Post) => register_agent(ctx, body),
-        (Endpoint::AgentStatus, Get) => agent_statuses(ctx),
-        (Endpoint::AgentTest, Post) => test_connection(ctx, body),
-        (Endpoint::AgentToken(id), Patch) => rotate_token(ctx, &id, body),
-        (Endpoint::Agent(id), Delete) => delete_agent(ctx, &id),
-        (Endpoint::Butler, Get) => butler(ctx),
-        (Endpoint::History(peer), Get) => history(ctx, &peer),
-        (Endpoint::ButlerAgent(agent), Get) => butler_agent(ctx, &agent),
-        (Endpoint::AuthResponse, Post) => auth_response(ctx, body),
-        (Endpoint::Metrics, Get) => metrics(ctx),
-        (Endpoint::DevToken(name), Get) => dev_token(ctx, &name),
-        (Endpoint::DevReset, Post) => dev_reset(ctx),
-        (Endpoint::DevChat, Post) => dev_chat(ctx, body),
+        (Endpoint::Dashboard, "GET") => Ok(crate::dashboard::page()),
+        (Endpoint::Ping, "GET") => Ok(Reply::json(200, &serde_json::json!({"message": "pong"}))),
+        (Endpoint::Ws, "GET") => Err(Reply::error(426, "websocket upgrade required")),
+        (Endpoint::Login, "POST") => login(ctx),
+        (Endpoint::Me, "GET") => me(ctx),
+        (Endpoint::Messages, "GET") => list_logs(ctx),
+        (Endpoint::Messages, "POST") => post_log(ctx),
+        (Endpoint::Users, "POST") => create_user(ctx),
+        (Endpoint::Agents, "GET") => list_agents(ctx),
+        (Endpoint::Agents, "POST") => register_agent(ctx),
+        (Endpoint::AgentStatus, "GET") => agent_statuses(ctx),
+        (Endpoint::AgentTest, "POST") => test_connection(ctx),
+        (Endpoint::AgentToken(id), "PATCH") => rotate_token(ctx, &id),
+        (Endpoint::Agent(id), "DELETE") => delete_agent(ctx, &id),
+        (Endpoint::Butler, "GET") => butler(ctx),
+        (Endpoint::History(peer), "GET") => history(ctx, &peer),
+        (Endpoint::ButlerAgent(agent), "GET") => butler_agent(ctx, &agent),
+        (Endpoint::AuthResponse, "POST") => auth_response(ctx),
+        (Endpoint::Metrics, "GET") => metrics(ctx),
+        (Endpoint::DevToken(name), "GET") => dev_token(ctx, &name),
+        (Endpoint::DevReset, "POST") => dev_reset(ctx),
+        (Endpoint::DevChat, "POST") => dev_chat(ctx),
+        (Endpoint::TestPanic, "POST") if ctx.app.config.fault_injection => {
+            panic!("fault injection: POST /api/test/panic")
+        }
+        (Endpoint::TestPanic, _) if !ctx.app.config.fault_injection => {
+            Err(Reply::error(404, "not found"))
+        }
         _ => Err(Reply::error(405, "method not allowed")),
     }
 }
@@ -243,24 +279,28 @@ enum Access {
 }
 
 fn authorize(ctx: &Ctx, access: Access) -> Result<Principal> {
-    let token = auth::parse_bearer(ctx.authorization.as_deref()).map_err(|e| {
-        ctx.app
-            .hub
-            .metrics
+    let metrics = &ctx.app.hub.metrics;
+    let failed = || {
+        metrics
             .auth_failures
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    };
+    let token = auth::parse_bearer(ctx.req.header("authorization")).map_err(|e| {
+        failed();
         match e {
             BearerError::Missing => Reply::error(401, "authorization header required"),
             BearerError::Malformed => Reply::error(401, "invalid authorization header format"),
         }
     })?;
+    // An address that keeps presenting bad tokens is not even asked for the next one.
+    if let Some(wait) = ctx.app.token_failures.retry_after(ctx.peer) {
+        metrics.limit("auth_throttled");
+        return Err(throttled(wait));
+    }
     let who = auth::authenticate(&ctx.app.store, &ctx.app.keys, token).map_err(|e| match e {
         AuthFailure::Invalid => {
-            ctx.app
-                .hub
-                .metrics
-                .auth_failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            failed();
+            ctx.app.token_failures.record_failure(ctx.peer);
             Reply::error(401, "invalid token")
         }
         AuthFailure::Unavailable => Reply::error(500, "internal server error"),
@@ -283,36 +323,45 @@ fn authorize(ctx: &Ctx, access: Access) -> Result<Principal> {
     Ok(who)
 }
 
-// ----- request bodies and query parameters ----------------------------------------------
-
-fn read_body(ctx: &Ctx, body: &mut dyn Read) -> Result<Vec<u8>> {
-    let too_large = || {
-        ctx.app.hub.metrics.limit("body_too_large");
-        Reply::error(413, "request body too large")
-    };
-    if ctx.content_length.is_some_and(|n| n > MAX_BODY_BYTES) {
-        return Err(too_large());
-    }
-    let mut buf = Vec::new();
-    body.take(MAX_BODY_BYTES as u64 + 1)
-        .read_to_end(&mut buf)
-        .map_err(|_| Reply::error(400, "invalid request body"))?;
-    if buf.len() > MAX_BODY_BYTES {
-        return Err(too_large());
-    }
-    Ok(buf)
+/// 429 for an address over the failed-authentication limit.
+fn throttled(wait: u64) -> Reply {
+    Reply::error(429, "too many failed authentications")
+        .with_header("Retry-After", wait.to_string())
 }
 
+// ----- request bodies and query parameters ----------------------------------------------
+
+/// The body, if it is at most `limit` bytes (else 413).
+fn body_within<'a>(ctx: &'a Ctx, limit: usize) -> Result<&'a [u8]> {
+    match &ctx.req.body {
+        Body::Complete(b) if b.len() <= limit => Ok(b),
+        _ => {
+            ctx.app.hub.metrics.limit("body_too_large");
+            Err(Reply::error(413, "request body too large"))
+        }
+    }
+}
+
+fn read_body<'a>(ctx: &'a Ctx) -> Result<&'a [u8]> {
+    body_within(ctx, MAX_BODY_BYTES)
+}
+
+/// A JSON object into `T`. Serde's derived structs would also take a JSON array as their
+/// fields in order (`[]` as an object with every field absent); a body must be an object.
 fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    if !wire::is_json_object(bytes) {
+        return Err(Reply::error(400, "invalid request body"));
+    }
     serde_json::from_slice(bytes).map_err(|_| Reply::error(400, "invalid request body"))
 }
 
-fn json_body<T: DeserializeOwned>(ctx: &Ctx, body: &mut dyn Read) -> Result<T> {
-    parse_body(&read_body(ctx, body)?)
+fn json_body<T: DeserializeOwned>(ctx: &Ctx) -> Result<T> {
+    parse_body(read_body(ctx)?)
 }
 
 fn param(ctx: &Ctx, name: &str) -> Option<String> {
-    ctx.query
+    ctx.req
+        .query
         .as_deref()
         .and_then(|q| query_param(q, name))
         .map(|v| v.trim().to_string())
@@ -322,7 +371,7 @@ fn param(ctx: &Ctx, name: &str) -> Option<String> {
 /// An integer query parameter: absent → None; not an integer or below `min` → 400
 /// `invalid <name>`; above `cap` → clamped.
 fn int_param(ctx: &Ctx, name: &str, min: i64, cap: i64) -> Result<Option<i64>> {
-    let raw = ctx.query.as_deref().and_then(|q| query_param(q, name));
+    let raw = ctx.req.query.as_deref().and_then(|q| query_param(q, name));
     match raw {
         None => Ok(None),
         Some(v) => match v.trim().parse::<i64>() {
@@ -401,13 +450,37 @@ fn single_view(ctx: &Ctx, u: UserRow) -> Result<UserView> {
 
 // ----- handlers --------------------------------------------------------------------------
 
-fn login(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
-    if let Some(wait) = ctx.app.logins.retry_after(ctx.peer) {
+fn login(ctx: &Ctx) -> Result<Reply> {
+    // The attempt is taken before the (slow) verification, so parallel guesses cannot all
+    // pass the limit before any of them is counted.
+    let attempt = ctx.app.logins.reserve(ctx.peer).map_err(|wait| {
         ctx.app.hub.metrics.limit("login_rate_limited");
-        return Err(Reply::error(429, "too many login attempts")
-            .with_header("Retry-After", wait.to_string()));
-    }
-    let req: wire::LoginRequest = json_body(ctx, body)?;
+        Reply::error(429, "too many login attempts").with_header("Retry-After", wait.to_string())
+    })?;
+    let user = match verify_login(ctx) {
+        Ok(Some(user)) => user,
+        Ok(None) => {
+            ctx.app
+                .hub
+                .metrics
+                .auth_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(Reply::error(401, "invalid credentials"));
+        }
+        Err(reply) => {
+            attempt.release();
+            return Err(reply);
+        }
+    };
+    attempt.release();
+    let token = ctx.app.keys.issue(user.id, user.role, clock::now_secs());
+    let user = single_view(ctx, user)?;
+    Ok(Reply::json(200, &wire::LoginResponse { token, user }))
+}
+
+/// The user behind a login body's credentials; None when they are wrong.
+fn verify_login(ctx: &Ctx) -> Result<Option<UserRow>> {
+    let req: wire::LoginRequest = json_body(ctx)?;
     if req.username.is_empty() || req.password.is_empty() {
         return Err(Reply::error(400, "invalid request body"));
     }
@@ -419,22 +492,10 @@ fn login(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
             false
         }
     };
-    let user = match (verified, found) {
-        (true, Some((id, _))) => ctx.app.store.user_by_id(id)?,
-        _ => None,
-    };
-    let Some(user) = user else {
-        ctx.app.logins.record_failure(ctx.peer);
-        ctx.app
-            .hub
-            .metrics
-            .auth_failures
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return Err(Reply::error(401, "invalid credentials"));
-    };
-    let token = ctx.app.keys.issue(user.id, user.role, clock::now_secs());
-    let user = single_view(ctx, user)?;
-    Ok(Reply::json(200, &wire::LoginResponse { token, user }))
+    match (verified, found) {
+        (true, Some((id, _))) => Ok(ctx.app.store.user_by_id(id)?),
+        _ => Ok(None),
+    }
 }
 
 fn me(ctx: &Ctx) -> Result<Reply> {
@@ -455,6 +516,7 @@ fn list_logs(ctx: &Ctx) -> Result<Reply> {
         agent_id: param(ctx, "agent_id"),
         level: param(ctx, "level"),
         q: param(ctx, "q"),
+        max_bytes: LOG_PAGE_BYTES,
     };
     let rows = ctx.app.store.logs(&query)?;
     let views: Vec<wire::LogView> = rows
@@ -470,9 +532,11 @@ fn list_logs(ctx: &Ctx) -> Result<Reply> {
     Ok(Reply::json(200, &views))
 }
 
-fn post_log(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
+fn post_log(ctx: &Ctx) -> Result<Reply> {
     let who = authorize(ctx, Access::AdminOrAgent)?;
-    let req: wire::PostLogRequest = json_body(ctx, body)?;
+    // One content limit for both ways in: a posted log line is a WebSocket message's size.
+    let req: wire::PostLogRequest =
+        parse_body(body_within(ctx, ctx.app.config.max_message_bytes)?)?;
     let agent_id = if who.role.is_human() {
         req.agent_id
             .filter(|a| !a.trim().is_empty())
@@ -502,9 +566,9 @@ fn post_log(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
     ))
 }
 
-fn create_user(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
+fn create_user(ctx: &Ctx) -> Result<Reply> {
     authorize(ctx, Access::Admin)?;
-    let req: wire::CreateUserRequest = json_body(ctx, body)?;
+    let req: wire::CreateUserRequest = json_body(ctx)?;
     if !auth::valid_username(&req.username) {
         return Err(Reply::error(400, "invalid username"));
     }
@@ -594,9 +658,9 @@ fn butler(ctx: &Ctx) -> Result<Reply> {
     }
 }
 
-fn register_agent(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
+fn register_agent(ctx: &Ctx) -> Result<Reply> {
     authorize(ctx, Access::Admin)?;
-    let req: wire::RegisterAgentRequest = json_body(ctx, body)?;
+    let req: wire::RegisterAgentRequest = json_body(ctx)?;
     let username = req.username.as_deref().map(str::trim).unwrap_or("");
     if username.is_empty() {
         return Err(Reply::error(400, "username is required"));
@@ -637,9 +701,9 @@ fn supplied_or_new_token(supplied: Option<&str>) -> Result<String> {
     }
 }
 
-fn test_connection(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
+fn test_connection(ctx: &Ctx) -> Result<Reply> {
     authorize(ctx, Access::Admin)?;
-    let req: wire::TokenRequest = json_body(ctx, body)?;
+    let req: wire::TokenRequest = json_body(ctx)?;
     let token = req.api_token.as_deref().map(str::trim).unwrap_or("");
     if token.is_empty() {
         return Err(Reply::error(400, "api_token is required"));
@@ -683,13 +747,13 @@ fn machine_target(ctx: &Ctx, raw_id: &str, allow_butler: bool) -> Result<UserRow
     Ok(user)
 }
 
-fn rotate_token(ctx: &Ctx, raw_id: &str, body: &mut dyn Read) -> Result<Reply> {
+fn rotate_token(ctx: &Ctx, raw_id: &str) -> Result<Reply> {
     authorize(ctx, Access::Admin)?;
-    let bytes = read_body(ctx, body)?;
+    let bytes = read_body(ctx)?;
     let req: wire::TokenRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
         wire::TokenRequest { api_token: None }
     } else {
-        parse_body(&bytes)?
+        parse_body(bytes)?
     };
     let user = machine_target(ctx, raw_id, true)?;
     let token = supplied_or_new_token(req.api_token.as_deref())?;
@@ -761,9 +825,9 @@ fn butler_agent(ctx: &Ctx, raw_agent: &str) -> Result<Reply> {
     Ok(Reply::json(200, &chat_rows(&rows)))
 }
 
-fn auth_response(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
+fn auth_response(ctx: &Ctx) -> Result<Reply> {
     let who = authorize(ctx, Access::Human)?;
-    let req: wire::AuthResponseRequest = json_body(ctx, body)?;
+    let req: wire::AuthResponseRequest = json_body(ctx)?;
     let payload =
         serde_json::json!({"action_id": req.action_id, "approved": req.approved}).to_string();
     let payload = serde_json::value::RawValue::from_string(payload)
@@ -782,7 +846,7 @@ fn metrics(ctx: &Ctx) -> Result<Reply> {
     let Some(expected) = &ctx.app.config.metrics_token else {
         return Err(Reply::error(404, "not found"));
     };
-    let presented = auth::parse_bearer(ctx.authorization.as_deref()).map_err(|e| match e {
+    let presented = auth::parse_bearer(ctx.req.header("authorization")).map_err(|e| match e {
         BearerError::Missing => Reply::error(401, "authorization header required"),
         BearerError::Malformed => Reply::error(401, "invalid authorization header format"),
     })?;
@@ -845,14 +909,23 @@ fn dev_reset(ctx: &Ctx) -> Result<Reply> {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     ctx.app.store.wipe()?;
+    // Ids start again at 1: a JWT from before the reset must not name a new user.
+    let generation = crate::server::jwt_generation(&ctx.app.store).map_err(|e| {
+        log_error!("http: {e}");
+        Reply::error(500, "internal server error")
+    })? + 1;
+    ctx.app
+        .store
+        .set_setting("jwt_generation", &generation.to_string())?;
+    ctx.app.keys.set_generation(generation);
     ctx.app.hub.forget_all_users();
     crate::server::bootstrap(&ctx.app.store, &ctx.app.config)?;
     Ok(Reply::json(200, &serde_json::json!({"status": "reset"})))
 }
 
-fn dev_chat(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
+fn dev_chat(ctx: &Ctx) -> Result<Reply> {
     dev_gate(ctx)?;
-    let req: wire::MockChatRequest = json_body(ctx, body)?;
+    let req: wire::MockChatRequest = json_body(ctx)?;
     let sender = ctx
         .app
         .store
@@ -863,6 +936,9 @@ fn dev_chat(ctx: &Ctx, body: &mut dyn Read) -> Result<Reply> {
         .store
         .user_by_name(&req.receiver_username)?
         .ok_or_else(|| Reply::error(400, "receiver user not found"))?;
+    if wire::nesting_depth(req.content.get()) > wire::MAX_PAYLOAD_DEPTH {
+        return Err(Reply::error(400, "content is nested too deeply"));
+    }
     let kind = req.kind.unwrap_or_else(|| "CHAT".into());
     if !matches!(kind.as_str(), "CHAT" | "AUTH_REQUEST" | "AUTH_RESPONSE") {
         return Err(Reply::error(400, "invalid type"));

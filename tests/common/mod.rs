@@ -14,6 +14,12 @@ use serde_json::{json, Value};
 use tungstenite::{Message, WebSocket};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_echocenter");
+
+/// The server binary the harness starts: this build's, or `ECHOCENTER_TEST_BIN` (to show that
+/// a new test fails against an older build).
+pub fn server_bin() -> String {
+    std::env::var("ECHOCENTER_TEST_BIN").unwrap_or_else(|_| BIN.to_string())
+}
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A temporary directory removed on drop.
@@ -115,13 +121,13 @@ impl Server {
         ));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut cmd = match nofile {
-            None => Command::new(BIN),
+            None => Command::new(server_bin()),
             Some(n) => {
                 let mut c = Command::new("bash");
                 c.arg("-c")
                     .arg(format!("ulimit -n {n} || exit 99; exec \"$@\""))
                     .arg("bash")
-                    .arg(BIN);
+                    .arg(server_bin());
                 c
             }
         };
@@ -543,4 +549,69 @@ impl Ws {
         let _ = self.inner.close(None);
         let _ = self.inner.flush();
     }
+}
+
+// ----- raw sockets ------------------------------------------------------------------------
+
+/// A TCP connection to `addr` from `source`, an address of this machine (all of 127.0.0.0/8 is
+/// loopback), so that one test can be several clients. 127.0.0.1 is a trusted proxy by
+/// default; 127.0.0.2 and up are ordinary clients.
+pub fn connect_from(source: &str, addr: &str) -> TcpStream {
+    connect_with(source, addr, None)
+}
+
+/// As `connect_from`, with a small receive buffer (set before the handshake, so the window
+/// stays small): the kernel can then hold little of what the server sends.
+pub fn connect_with(source: &str, addr: &str, recv_buffer: Option<usize>) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let target: std::net::SocketAddr = addr.parse().unwrap();
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    if let Some(n) = recv_buffer {
+        socket.set_recv_buffer_size(n).unwrap();
+    }
+    let from: std::net::SocketAddr = format!("{source}:0").parse().unwrap();
+    socket.bind(&from.into()).unwrap();
+    socket.connect(&target.into()).unwrap();
+    socket.into()
+}
+
+/// Writes `bytes` and reads until the server closes (or `timeout` passes without a byte).
+pub fn exchange(addr: &str, bytes: &[u8], timeout: Duration) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let _ = s.write_all(bytes);
+    read_all(&mut s)
+}
+
+pub fn read_all(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+pub fn status_of(raw: &[u8]) -> Option<u16> {
+    let text = String::from_utf8_lossy(raw);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+pub fn body_of(raw: &[u8]) -> String {
+    let text = String::from_utf8_lossy(raw);
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
 }
