@@ -100,8 +100,14 @@ pub struct LogQuery {
     pub offset: i64,
     pub limit: i64,
     pub agent_id: Option<String>,
-    pub level: Option<String>,
+    /// Any of these levels (empty: all).
+    pub levels: Vec<String>,
     pub q: Option<String>,
+    /// Rows older than this id only (paging back from a page's last row).
+    pub before_id: Option<i64>,
+    /// Timestamps (our RFC 3339 text, which sorts) at or after / before.
+    pub since: Option<String>,
+    pub until: Option<String>,
     /// The page stops once its rows' content takes this many bytes of JSON (at least one row).
     pub max_bytes: usize,
 }
@@ -480,12 +486,26 @@ impl Store {
         let mut stmt = conn.prepare_cached(
             "SELECT id, agent_id, level, content, timestamp FROM messages
              WHERE (?1 IS NULL OR agent_id = ?1)
-               AND (?2 IS NULL OR level = ?2)
+               AND (?2 IS NULL OR level IN (SELECT value FROM json_each(?2)))
                AND (?3 IS NULL OR content LIKE ?3 ESCAPE '\\')
+               AND (?6 IS NULL OR id < ?6)
+               AND (?7 IS NULL OR timestamp >= ?7)
+               AND (?8 IS NULL OR timestamp < ?8)
              ORDER BY id DESC LIMIT ?4 OFFSET ?5",
         )?;
         let pattern = q.q.as_deref().map(|s| format!("%{}%", escape_like(s)));
-        let mut rows = stmt.query(params![q.agent_id, q.level, pattern, q.limit, q.offset])?;
+        let levels = (!q.levels.is_empty())
+            .then(|| serde_json::to_string(&q.levels).unwrap_or_else(|_| "[]".into()));
+        let mut rows = stmt.query(params![
+            q.agent_id,
+            levels,
+            pattern,
+            q.limit,
+            q.offset,
+            q.before_id,
+            q.since,
+            q.until
+        ])?;
         let mut out = Vec::new();
         let mut bytes = 0;
         while let Some(r) = rows.next()? {

@@ -223,6 +223,55 @@ fn logs_offset_and_limit_are_validated_defaulted_and_capped() {
 }
 
 #[test]
+fn logs_page_back_by_id_filter_several_levels_and_a_time_range() {
+    let s = Server::start();
+    let admin = s.admin_token();
+    let mut stored = Vec::new();
+    for (i, level) in ["INFO", "ERROR", "CRITICAL", "DEBUG", "ERROR"]
+        .iter()
+        .enumerate()
+    {
+        stored.push(post_log(&s, &admin, "a", level, &format!("line {i}")));
+    }
+    let id = |i: usize| stored[i]["id"].as_i64().unwrap();
+    let ts = |i: usize| stored[i]["timestamp"].as_str().unwrap().to_string();
+    // before_id pages back from a page's last row.
+    let page = s
+        .get(&format!("/api/messages?before_id={}", id(3)), &admin)
+        .json();
+    assert_eq!(ids(&page), vec![id(2), id(1), id(0)]);
+    // Several levels at once (case-insensitive), so ERROR does not hide CRITICAL.
+    let page = s.get("/api/messages?level=error,Critical", &admin).json();
+    assert_eq!(ids(&page), vec![id(4), id(2), id(1)]);
+    // A time range: since is inclusive, until exclusive; any RFC 3339 offset is understood.
+    let page = s
+        .get(
+            &format!("/api/messages?since={}&until={}", ts(1), ts(4)),
+            &admin,
+        )
+        .json();
+    let expect: Vec<i64> = (1..4).rev().filter(|&i| ts(i) < ts(4)).map(id).collect();
+    assert_eq!(ids(&page), expect);
+    let page = s
+        .get("/api/messages?until=2000-01-01T01:00:00%2B01:00", &admin)
+        .json();
+    assert_eq!(list(&page).len(), 0);
+    for bad in [
+        "since=yesterday",
+        "until=2026-13-01T00:00:00Z",
+        "before_id=0",
+    ] {
+        let r = s.get(&format!("/api/messages?{bad}"), &admin);
+        let name = bad.split('=').next().unwrap();
+        assert_eq!(
+            (r.status, r.error()),
+            (400, format!("invalid {name}")),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
 fn chat_history_returns_the_newest_rows_oldest_first_and_pages_back() {
     let s = Server::start();
     let admin = s.admin_token();

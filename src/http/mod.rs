@@ -381,6 +381,16 @@ fn int_param(ctx: &Ctx, name: &str, min: i64, cap: i64) -> Result<Option<i64>> {
     }
 }
 
+/// An RFC 3339 time parameter, as the stored timestamps spell it (they sort as text).
+fn time_param(ctx: &Ctx, name: &str) -> Result<Option<String>> {
+    match param(ctx, name) {
+        None => Ok(None),
+        Some(v) => clock::parse_rfc3339(&v)
+            .map(|ms| Some(clock::format_ms(ms)))
+            .ok_or_else(|| Reply::error(400, &format!("invalid {name}"))),
+    }
+}
+
 fn path_id(raw: &str, name: &str) -> Result<i64> {
     raw.parse::<i64>()
         .ok()
@@ -514,8 +524,18 @@ fn list_logs(ctx: &Ctx) -> Result<Reply> {
         offset: int_param(ctx, "offset", 0, i64::MAX)?.unwrap_or(0),
         limit: int_param(ctx, "limit", 1, 200)?.unwrap_or(50),
         agent_id: param(ctx, "agent_id"),
-        level: param(ctx, "level"),
+        levels: param(ctx, "level")
+            .map(|l| {
+                l.split(',')
+                    .map(|p| p.trim().to_ascii_uppercase())
+                    .filter(|p| !p.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default(),
         q: param(ctx, "q"),
+        before_id: int_param(ctx, "before_id", 1, i64::MAX)?,
+        since: time_param(ctx, "since")?,
+        until: time_param(ctx, "until")?,
         max_bytes: LOG_PAGE_BYTES,
     };
     let rows = ctx.app.store.logs(&query)?;
