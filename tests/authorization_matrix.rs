@@ -35,6 +35,8 @@ enum Who {
     Public,
     Any,
     Human,
+    /// The agent directory: humans, and the Butler (which instructs agents by name).
+    HumanOrButler,
     Admin,
     /// `POST /api/messages`: an admin, or a machine (the Butler is a privileged agent).
     AdminOrAgent,
@@ -57,6 +59,8 @@ fn expected(who: Who, caller: Caller, ok: u16) -> Result<u16, (u16, &'static str
         (Who::Any, _) => Ok(ok),
         (Who::Human, Admin | Member) => Ok(ok),
         (Who::Human, Agent | Butler) => Err((403, "forbidden")),
+        (Who::HumanOrButler, Admin | Member | Butler) => Ok(ok),
+        (Who::HumanOrButler, Agent) => Err((403, "forbidden")),
         (Who::Admin, Admin) => Ok(ok),
         (Who::Admin, Member) => Err((403, "admin access required")),
         (Who::Admin, Agent | Butler) => Err((403, "forbidden")),
@@ -133,8 +137,8 @@ fn every_rest_route_admits_exactly_the_roles_of_the_spec() {
                     .to_string(),
             )
         }),
-        route("GET", "/api/users/agents", Who::Human, 200, none),
-        route("GET", "/api/users/agents/status", Who::Human, 200, none),
+        route("GET", "/api/users/agents", Who::HumanOrButler, 200, none),
+        route("GET", "/api/users/agents/status", Who::HumanOrButler, 200, none),
         route("GET", "/api/users/butler", Who::Human, 200, none),
         route(
             "GET",

@@ -274,6 +274,8 @@ enum Access {
     /// Any authenticated user, human or machine.
     Any,
     Human,
+    /// The agent directory: humans, and the Butler, which instructs agents by name.
+    HumanOrButler,
     Admin,
     AdminOrAgent,
 }
@@ -308,6 +310,7 @@ fn authorize(ctx: &Ctx, access: Access) -> Result<Principal> {
     let allowed = match access {
         Access::Any => true,
         Access::Human => who.role.is_human(),
+        Access::HumanOrButler => who.role.is_human() || who.role == Role::Butler,
         Access::Admin => who.role == Role::Admin,
         Access::AdminOrAgent => matches!(who.role, Role::Admin | Role::Agent | Role::Butler),
     };
@@ -608,7 +611,7 @@ fn create_user(ctx: &Ctx) -> Result<Reply> {
 }
 
 fn list_agents(ctx: &Ctx) -> Result<Reply> {
-    authorize(ctx, Access::Human)?;
+    authorize(ctx, Access::HumanOrButler)?;
     let q = param(ctx, "q").map(|s| s.to_lowercase());
     let excluded: Vec<String> = param(ctx, "exclude_role")
         .map(|s| {
@@ -644,7 +647,7 @@ fn list_agents(ctx: &Ctx) -> Result<Reply> {
 }
 
 fn agent_statuses(ctx: &Ctx) -> Result<Reply> {
-    authorize(ctx, Access::Human)?;
+    authorize(ctx, Access::HumanOrButler)?;
     let agents: Vec<UserRow> = ctx
         .app
         .store
