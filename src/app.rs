@@ -4,12 +4,14 @@ use std::net::IpAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use crate::accept::Slots;
-use crate::auth::{FailureLimiter, JwtKeys};
+use crate::auth::{self, AuthFailure, FailureLimiter, JwtKeys};
 use crate::config::{Config, Environment};
-use crate::http::bridge::Bridge;
 use crate::hub::Hub;
+use crate::identity::{AgentToken, Principal};
 use crate::store::Store;
+
+/// Stack of every per-connection thread. Only touched pages count towards memory.
+pub const THREAD_STACK: usize = 256 * 1024;
 
 pub struct App {
     pub config: Config,
@@ -21,8 +23,6 @@ pub struct App {
     /// Failed token authentications per client address (`--max-auth-failures` a minute).
     pub token_failures: FailureLimiter,
     pub shutting_down: AtomicBool,
-    pub slots: Slots,
-    pub bridge: Bridge,
 }
 
 impl App {
@@ -38,6 +38,44 @@ impl App {
 
     pub fn production(&self) -> bool {
         self.config.env == Environment::Production
+    }
+
+    /// Resolves a JWT or an agent token to the live user behind it. The role always comes
+    /// from the database, never from the JWT's claim.
+    pub fn authenticate(&self, token: &str) -> Result<Principal, AuthFailure> {
+        if auth::looks_like_jwt(token) {
+            if let Ok(claims) = self.keys.verify(token, crate::clock::now_secs()) {
+                let user = self
+                    .store
+                    .user_by_id(claims.user_id)
+                    .map_err(|_| AuthFailure::Unavailable)?;
+                return match user {
+                    Some(u) if !u.deleted && u.role.is_human() => Ok(Principal {
+                        id: u.id,
+                        username: u.username,
+                        role: u.role,
+                        token_hash: None,
+                        expires_at: Some(claims.exp),
+                    }),
+                    _ => Err(AuthFailure::Invalid),
+                };
+            }
+        }
+        let hash = AgentToken::new(token).sha256();
+        match self
+            .store
+            .machine_by_token_hash(&hash)
+            .map_err(|_| AuthFailure::Unavailable)?
+        {
+            Some(u) => Ok(Principal {
+                id: u.id,
+                username: u.username,
+                role: u.role,
+                token_hash: Some(hash),
+                expires_at: None,
+            }),
+            None => Err(AuthFailure::Invalid),
+        }
     }
 
     /// Whether `ip` is one of `--trusted-proxies` (by default: this machine).

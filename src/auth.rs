@@ -1,6 +1,6 @@
 //! Credentials: password hashing, agent tokens, HS256 JWTs, and `Authorization` parsing.
 //!
-//! Nothing here touches the database; `http` and `ws` combine these checks with store
+//! Nothing here touches the database; `App::authenticate` combines these checks with store
 //! lookups (a JWT is only half of the answer: the user must still exist with that role).
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -9,9 +9,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 
-use crate::identity::{Principal, Role};
+use crate::identity::{AgentToken, Role};
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Mutex, RwLock};
@@ -36,8 +36,8 @@ pub fn valid_supplied_token(token: &str) -> bool {
 }
 
 /// `ec_` + 64 hex characters from 32 random bytes.
-pub fn generate_token() -> String {
-    format!("ec_{}", hex::encode(random_bytes::<32>()))
+pub fn generate_token() -> AgentToken {
+    AgentToken::new(format!("ec_{}", hex::encode(random_bytes::<32>())))
 }
 
 pub fn random_bytes<const N: usize>() -> [u8; N] {
@@ -45,20 +45,6 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
     // The OS random source failing means the machine cannot produce secrets at all.
     getrandom::fill(&mut buf).expect("operating system random source unavailable");
     buf
-}
-
-/// The lookup key stored for a token: lower-case hex SHA-256.
-pub fn token_sha256(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
-}
-
-/// `first4...last4`, or `configured` for tokens of 8 characters or fewer.
-pub fn token_hint(token: &str) -> String {
-    if token.len() <= 8 {
-        "configured".to_string()
-    } else {
-        format!("{}...{}", &token[..4], &token[token.len() - 4..])
-    }
 }
 
 pub fn hash_password(password: &str) -> String {
@@ -272,46 +258,6 @@ pub enum AuthFailure {
     Unavailable,
 }
 
-/// Resolves a JWT or an agent token to the live user behind it. The role always comes from
-/// the database, never from the JWT's claim.
-pub fn authenticate(
-    store: &crate::store::Store,
-    keys: &JwtKeys,
-    token: &str,
-) -> Result<Principal, AuthFailure> {
-    if looks_like_jwt(token) {
-        if let Ok(claims) = keys.verify(token, crate::clock::now_secs()) {
-            let user = store
-                .user_by_id(claims.user_id)
-                .map_err(|_| AuthFailure::Unavailable)?;
-            return match user {
-                Some(u) if !u.deleted && u.role.is_human() => Ok(Principal {
-                    id: u.id,
-                    username: u.username,
-                    role: u.role,
-                    token_hash: None,
-                    expires_at: Some(claims.exp),
-                }),
-                _ => Err(AuthFailure::Invalid),
-            };
-        }
-    }
-    let hash = token_sha256(token);
-    match store
-        .machine_by_token_hash(&hash)
-        .map_err(|_| AuthFailure::Unavailable)?
-    {
-        Some(u) => Ok(Principal {
-            id: u.id,
-            username: u.username,
-            role: u.role,
-            token_hash: Some(hash),
-            expires_at: None,
-        }),
-        None => Err(AuthFailure::Invalid),
-    }
-}
-
 #[derive(Debug, PartialEq, Eq)]
 pub enum BearerError {
     Missing,
@@ -478,12 +424,9 @@ mod tests {
     }
 
     #[test]
-    fn hints_and_token_shapes() {
-        assert_eq!(token_hint("mock-observer-token"), "mock...oken");
-        assert_eq!(token_hint("abcdefgh"), "configured");
-        assert_eq!(token_hint("abcdefghi"), "abcd...fghi");
+    fn token_shapes() {
         let t = generate_token();
-        assert!(t.starts_with("ec_") && t.len() == 67);
+        assert!(t.expose().starts_with("ec_") && t.expose().len() == 67);
         assert!(valid_supplied_token("mock-observer-token"));
         assert!(!valid_supplied_token("short"));
         assert!(!valid_supplied_token("has space in it ......"));

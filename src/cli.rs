@@ -129,7 +129,7 @@ fn one_name(rest: &[String]) -> Result<&str, CliError> {
 
 fn open(config: &Config) -> Result<Store, CliError> {
     crate::logging::set_level(config.log);
-    crate::server::open_store(config).map_err(CliError::Failed)
+    crate::bootstrap::open_store(config).map_err(CliError::Failed)
 }
 
 /// Raw token copies are kept only in development, and never in a database a production
@@ -158,7 +158,7 @@ fn agent_add(config: &Config, name: &str, description: Option<&str>) -> Result<(
         },
         keep_raw(config, &store),
     )?;
-    println!("{token}");
+    println!("{}", token.expose());
     Ok(())
 }
 
@@ -197,7 +197,7 @@ fn agent_rotate(config: &Config, name: &str) -> Result<(), CliError> {
     let user = machine_named(&store, name)?;
     let token = auth::generate_token();
     store.rotate_token(user.id, &token, keep_raw(config, &store))?;
-    println!("{token}");
+    println!("{}", token.expose());
     Ok(())
 }
 

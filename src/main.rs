@@ -3,10 +3,11 @@
 mod accept;
 mod app;
 mod auth;
+mod bootstrap;
 mod cli;
 mod clock;
 mod config;
-mod dashboard;
+mod head;
 mod http;
 mod hub;
 mod identity;

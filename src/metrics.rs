@@ -5,33 +5,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 use crate::identity::Role;
-
-/// Frame types counted in and out; anything else is counted as `other`.
-pub const FRAME_TYPES: &[&str] = &[
-    "SYSTEM_LOG",
-    "CHAT",
-    "CHAT_STREAM",
-    "CHAT_STREAM_END",
-    "AUTH_REQUEST",
-    "AUTH_RESPONSE",
-    "AUTH_STATUS_UPDATE",
-    "ACK",
-    "ERROR",
-    "PRESENCE",
-    "BUTLER_AGENT_MESSAGE",
-    "other",
-];
-
-pub const ERROR_CODES: &[&str] = &[
-    "bad_json",
-    "bad_envelope",
-    "unknown_type",
-    "forbidden",
-    "target_required",
-    "target_not_found",
-    "rate_limited",
-    "internal",
-];
+use crate::wire::{Code, Kind};
 
 /// Limits that refuse or close something, by name.
 pub const LIMITS: &[&str] = &[
@@ -55,9 +29,9 @@ pub const LIMITS: &[&str] = &[
 #[derive(Default)]
 pub struct Metrics {
     pub connections: [AtomicI64; 4],
-    pub frames_in: [AtomicU64; FRAME_TYPES.len()],
-    pub frames_out: [AtomicU64; FRAME_TYPES.len()],
-    pub errors: [AtomicU64; ERROR_CODES.len()],
+    pub frames_in: [AtomicU64; Kind::ALL.len()],
+    pub frames_out: [AtomicU64; Kind::ALL.len()],
+    pub errors: [AtomicU64; Code::ALL.len()],
     pub limits: [AtomicU64; LIMITS.len()],
     pub slow_consumer_closes: AtomicU64,
     pub auth_failures: AtomicU64,
@@ -65,6 +39,8 @@ pub struct Metrics {
     pub http_requests: AtomicU64,
     /// Request handlers that panicked (the worker survives; the request gets 500).
     pub worker_panics: AtomicU64,
+    /// Frames store and forward retired unsent (their senders were told).
+    pub replay_retired: AtomicU64,
 }
 
 fn role_index(role: Role) -> usize {
@@ -76,13 +52,6 @@ fn role_index(role: Role) -> usize {
     }
 }
 
-fn type_index(kind: &str) -> usize {
-    FRAME_TYPES
-        .iter()
-        .position(|t| *t == kind)
-        .unwrap_or(FRAME_TYPES.len() - 1)
-}
-
 impl Metrics {
     pub fn connection_opened(&self, role: Role) {
         self.connections[role_index(role)].fetch_add(1, Relaxed);
@@ -90,16 +59,14 @@ impl Metrics {
     pub fn connection_closed(&self, role: Role) {
         self.connections[role_index(role)].fetch_sub(1, Relaxed);
     }
-    pub fn frame_in(&self, kind: &str) {
-        self.frames_in[type_index(kind)].fetch_add(1, Relaxed);
+    pub fn frame_in(&self, kind: Kind) {
+        self.frames_in[kind.index()].fetch_add(1, Relaxed);
     }
-    pub fn frame_out(&self, kind: &str) {
-        self.frames_out[type_index(kind)].fetch_add(1, Relaxed);
+    pub fn frame_out(&self, kind: Kind) {
+        self.frames_out[kind.index()].fetch_add(1, Relaxed);
     }
-    pub fn error(&self, code: &str) {
-        if let Some(i) = ERROR_CODES.iter().position(|c| *c == code) {
-            self.errors[i].fetch_add(1, Relaxed);
-        }
+    pub fn error(&self, code: Code) {
+        self.errors[code.index()].fetch_add(1, Relaxed);
     }
     pub fn limit(&self, name: &str) {
         if let Some(i) = LIMITS.iter().position(|c| *c == name) {
@@ -119,27 +86,30 @@ impl Metrics {
             );
         }
         s.push_str("# TYPE echocenter_frames_in_total counter\n");
-        for (i, t) in FRAME_TYPES.iter().enumerate() {
+        for k in Kind::ALL {
             let _ = writeln!(
                 s,
-                "echocenter_frames_in_total{{type=\"{t}\"}} {}",
-                self.frames_in[i].load(Relaxed)
+                "echocenter_frames_in_total{{type=\"{}\"}} {}",
+                k.as_str(),
+                self.frames_in[k.index()].load(Relaxed)
             );
         }
         s.push_str("# TYPE echocenter_frames_out_total counter\n");
-        for (i, t) in FRAME_TYPES.iter().enumerate() {
+        for k in Kind::ALL {
             let _ = writeln!(
                 s,
-                "echocenter_frames_out_total{{type=\"{t}\"}} {}",
-                self.frames_out[i].load(Relaxed)
+                "echocenter_frames_out_total{{type=\"{}\"}} {}",
+                k.as_str(),
+                self.frames_out[k.index()].load(Relaxed)
             );
         }
         s.push_str("# TYPE echocenter_error_frames_total counter\n");
-        for (i, c) in ERROR_CODES.iter().enumerate() {
+        for c in Code::ALL {
             let _ = writeln!(
                 s,
-                "echocenter_error_frames_total{{code=\"{c}\"}} {}",
-                self.errors[i].load(Relaxed)
+                "echocenter_error_frames_total{{code=\"{}\"}} {}",
+                c.as_str(),
+                self.errors[c.index()].load(Relaxed)
             );
         }
         s.push_str("# TYPE echocenter_limit_trips_total counter\n");
@@ -159,6 +129,7 @@ impl Metrics {
             ("echocenter_accept_errors_total", &self.accept_errors),
             ("echocenter_http_requests_total", &self.http_requests),
             ("echocenter_http_worker_panics_total", &self.worker_panics),
+            ("echocenter_replay_retired_total", &self.replay_retired),
         ];
         for (name, v) in simple {
             let _ = writeln!(s, "# TYPE {name} counter\n{name} {}", v.load(Relaxed));

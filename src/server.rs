@@ -8,76 +8,15 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::accept::Door;
 use crate::app::App;
 use crate::auth::{self, FailureLimiter, JwtKeys};
+use crate::bootstrap;
 use crate::config::{Config, Environment};
 use crate::http::bridge::Bridge;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::store::Store;
 use crate::{log_error, log_info};
-
-/// Opens the database, runs bootstrap on an empty one, and enforces production rules.
-/// Shared by `serve` and the command-line subcommands.
-pub fn open_store(config: &Config) -> Result<Store, String> {
-    let store = Store::open(&config.db, config.sync)
-        .map_err(|e| format!("cannot open database {}: {e}", config.db.display()))?;
-    bootstrap(&store, config).map_err(|e| format!("bootstrap failed: {e}"))?;
-    if config.env == Environment::Production {
-        let cleared = store.clear_raw_tokens().map_err(|e| e.to_string())?;
-        if cleared > 0 {
-            log_info!("production: cleared {cleared} raw token copies from the database");
-        }
-    }
-    Ok(store)
-}
-
-/// Creates the admin (id 1) and the Butler (id 2) on an empty database.
-pub fn bootstrap(store: &Store, config: &Config) -> Result<(), crate::store::StoreError> {
-    if store.user_count()? > 0 {
-        return Ok(());
-    }
-    let admin = config.admin_user.clone().unwrap_or_else(|| "admin".into());
-    let password = match (&config.admin_password, config.env) {
-        (Some(p), _) => p.clone(),
-        (None, Environment::Development) => {
-            crate::log_warn!("bootstrap: created admin {admin:?} with the development password \"admin123\"; set ECHOCENTER_ADMIN_PASSWORD for anything real");
-            "admin123".into()
-        }
-        (None, Environment::Production) => {
-            let p = hex::encode(auth::random_bytes::<12>());
-            // The one place a secret is printed: the operator has no other way to learn it.
-            eprintln!(
-                "bootstrap: created admin {admin:?} with password {p} (shown once; store it now)"
-            );
-            p
-        }
-    };
-    let keep_raw = config.env == Environment::Development;
-    store.bootstrap(
-        &admin,
-        &auth::hash_password(&password),
-        &auth::generate_token(),
-        keep_raw,
-    )?;
-    Ok(())
-}
-
-fn jwt_secret(store: &Store, config: &Config) -> Result<Vec<u8>, String> {
-    if let Some(s) = &config.jwt_secret {
-        return Ok(s.clone());
-    }
-    match store.setting("jwt_secret").map_err(|e| e.to_string())? {
-        Some(hexed) => hex::decode(hexed).map_err(|e| format!("stored jwt_secret is corrupt: {e}")),
-        None => {
-            let secret = auth::random_bytes::<32>().to_vec();
-            store
-                .set_setting("jwt_secret", &hex::encode(&secret))
-                .map_err(|e| e.to_string())?;
-            Ok(secret)
-        }
-    }
-}
 
 /// `echocenter serve`: runs until SIGINT/SIGTERM, then shuts down cleanly.
 pub fn serve(config: Config) -> Result<(), String> {
@@ -90,7 +29,7 @@ pub fn serve(config: Config) -> Result<(), String> {
             .map_err(|e| log_error!("cannot install signal handlers: {e}; running until killed"))
             .ok()
     };
-    let store = open_store(&config)?;
+    let store = bootstrap::open_store(&config)?;
     // Tells the command-line tools which mode owns this database (they keep no raw token
     // copies in a production database).
     store
@@ -104,9 +43,9 @@ pub fn serve(config: Config) -> Result<(), String> {
         )
         .map_err(|e| e.to_string())?;
     let keys = JwtKeys::new(
-        jwt_secret(&store, &config)?,
+        bootstrap::jwt_secret(&store, &config)?,
         config.jwt_ttl,
-        jwt_generation(&store)?,
+        bootstrap::jwt_generation(&store)?,
     );
     let listener = TcpListener::bind(&config.addr)
         .map_err(|e| format!("cannot listen on {}: {e}", config.addr))?;
@@ -121,17 +60,16 @@ pub fn serve(config: Config) -> Result<(), String> {
         keys,
         logins: FailureLimiter::for_logins(),
         shutting_down: AtomicBool::new(false),
-        slots: Default::default(),
-        bridge: Bridge::new(socket_dir.clone()),
     });
-    app.bridge
+    let bridge = Arc::new(Bridge::new(socket_dir.clone()));
+    bridge
         .start(&app)
         .map_err(|e| format!("cannot start the HTTP layer: {e}"))?;
     {
-        let app = app.clone();
+        let door = Door::new(app.clone(), bridge.clone());
         std::thread::Builder::new()
             .name("accept".into())
-            .spawn(move || crate::accept::accept_loop(app, listener))
+            .spawn(move || crate::accept::accept_loop(door, listener))
             .map_err(|e| e.to_string())?;
     }
     log_info!(
@@ -148,19 +86,9 @@ pub fn serve(config: Config) -> Result<(), String> {
     let _ = io::stdout().flush();
 
     wait_for_signal(signals);
-    shutdown(&app, local);
+    shutdown(&app, &bridge, local);
     let _ = std::fs::remove_dir_all(&socket_dir);
     Ok(())
-}
-
-/// The JWT key generation: 0 until the first `/api/dev/mock/reset`, one more after each.
-pub fn jwt_generation(store: &Store) -> Result<u64, String> {
-    match store.setting("jwt_generation").map_err(|e| e.to_string())? {
-        None => Ok(0),
-        Some(v) => v
-            .parse()
-            .map_err(|_| format!("stored jwt_generation is corrupt: {v:?}")),
-    }
 }
 
 fn wait_for_signal(signals: Option<signal_hook::iterator::Signals>) {
@@ -176,7 +104,7 @@ fn wait_for_signal(signals: Option<signal_hook::iterator::Signals>) {
     }
 }
 
-fn shutdown(app: &Arc<App>, local: SocketAddr) {
+fn shutdown(app: &Arc<App>, bridge: &Bridge, local: SocketAddr) {
     app.shutting_down.store(true, Relaxed);
     // Wake the accept loop so it sees the flag.
     let wake = if local.ip().is_unspecified() {
@@ -185,7 +113,7 @@ fn shutdown(app: &Arc<App>, local: SocketAddr) {
         local
     };
     let _ = TcpStream::connect_timeout(&wake, Duration::from_millis(200));
-    app.hub.close_all(1001, "server shutdown");
+    app.hub.close_all(crate::wire::Close::ServerShutdown);
     let deadline = Instant::now() + Duration::from_secs(5);
     while app.hub.connection_count() > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
@@ -193,7 +121,7 @@ fn shutdown(app: &Arc<App>, local: SocketAddr) {
     // Every frame that was acknowledged is already committed; this commits the rest
     // (delivery marks, last-seen times).
     app.store.flush();
-    app.bridge.stop();
+    bridge.stop();
     log_info!("shutdown complete");
 }
 

@@ -22,7 +22,8 @@ use serde_json::value::RawValue;
 
 use crate::clock;
 use crate::config::Sync;
-use crate::identity::Role;
+use crate::identity::{AgentToken, Role};
+use crate::wire::Kind;
 
 /// Numbered migrations, applied in order, each in its own transaction, recorded by name.
 const MIGRATIONS: &[(&str, &str)] = &[("001_initial", include_str!("../sql/001_initial.sql"))];
@@ -35,7 +36,13 @@ pub enum StoreError {
     /// A uniqueness rule was broken; the text is the client-facing reason.
     Conflict(&'static str),
     NotFound,
+    /// The database refused or failed a statement.
     Db(rusqlite::Error),
+    /// The database file or its directory could not be prepared.
+    File(std::io::Error),
+    /// The group commit this write was part of failed (disk full, I/O): nothing of it is
+    /// stored, and the write may be retried.
+    BatchFailed,
     /// The writer thread is gone (it would only end by panicking).
     Closed,
 }
@@ -46,6 +53,8 @@ impl std::fmt::Display for StoreError {
             StoreError::Conflict(why) => write!(f, "conflict: {why}"),
             StoreError::NotFound => write!(f, "not found"),
             StoreError::Db(e) => write!(f, "database error: {e}"),
+            StoreError::File(e) => write!(f, "{e}"),
+            StoreError::BatchFailed => write!(f, "the commit failed; nothing of it was stored"),
             StoreError::Closed => write!(f, "store is shut down"),
         }
     }
@@ -80,7 +89,7 @@ pub struct UserRow {
 pub struct NewMachine<'a> {
     pub username: &'a str,
     pub role: Role,
-    pub token: &'a str,
+    pub token: &'a AgentToken,
     pub agent_kind: &'a str,
     pub runtime_kind: &'a str,
     pub description: &'a str,
@@ -123,13 +132,64 @@ pub struct ChatRow {
     pub stream_id: Option<String>,
     pub conversation_id: Option<i64>,
     pub timestamp: String,
+    pub delivery: Delivery,
+}
+
+/// Where a stored chat frame stands with store and forward (`chat_messages.delivered`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Addressed to a machine that has not received it yet.
+    Pending,
+    /// Written to one of the receiver's connections (or addressed to a human, who reads
+    /// history instead).
+    Delivered,
+    /// Left out of a replay: never sent (see `Store::plan_replay`).
+    Retired,
+}
+
+impl Delivery {
+    fn from_column(v: i64) -> Delivery {
+        match v {
+            0 => Delivery::Pending,
+            2 => Delivery::Retired,
+            _ => Delivery::Delivered,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Pending => "pending",
+            Delivery::Delivered => "delivered",
+            Delivery::Retired => "retired",
+        }
+    }
+}
+
+/// The replay window's shares (see `hub::replay`).
+#[derive(Debug, Clone)]
+pub struct ReplayShares {
+    /// Frames older than this (stored timestamp) are not replayed.
+    pub since: String,
+    /// Newest frames kept per human or Butler sender.
+    pub priority: i64,
+    /// Newest frames kept per agent sender, and from all agents together.
+    pub agent: i64,
+    pub agent_window: i64,
+}
+
+/// A frame retired from store and forward, for telling its sender.
+#[derive(Debug, Clone)]
+pub struct Retired {
+    pub id: i64,
+    pub sender_id: i64,
+    pub local_id: Option<String>,
 }
 
 #[derive(Debug, Clone)]
 pub struct NewChat {
     pub sender_id: i64,
     pub receiver_id: i64,
-    pub kind: String,
+    pub kind: Kind,
     /// The payload as JSON text, stored exactly as sent.
     pub payload: String,
     pub local_id: Option<String>,
@@ -161,7 +221,11 @@ enum Job {
     Chat(NewChat, Answer<Result<Stored>>),
     Log(NewLog, Answer<Result<Stored>>),
     Delivered(Vec<i64>),
-    Abandon(i64, i64),
+    PlanReplay(
+        i64,
+        ReplayShares,
+        Answer<Result<(Vec<Retired>, Option<i64>)>>,
+    ),
     LastSeen(i64, String),
     Barrier(Answer<()>),
 }
@@ -193,9 +257,9 @@ impl Store {
     /// Opens (creating if needed, mode 0600) and migrates the database, then starts the writer.
     pub fn open(path: &Path, sync: Sync) -> Result<Store> {
         prepare_file(path).map_err(|e| {
-            StoreError::Db(rusqlite::Error::SqliteFailure(
-                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
-                Some(format!("{}: {e}", path.display())),
+            StoreError::File(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}", path.display()),
             ))
         })?;
         let mut conn = open_connection(path, sync)?;
@@ -207,7 +271,7 @@ impl Store {
         std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || run_writer(writer_conn, rx, writer_stats))
-            .map_err(|e| StoreError::Db(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+            .map_err(StoreError::File)?;
         Ok(Store {
             inner: Arc::new(Inner {
                 conn: Mutex::new(conn),
@@ -263,7 +327,7 @@ impl Store {
         &self,
         admin: &str,
         password_hash: &str,
-        butler_token: &str,
+        butler_token: &AgentToken,
         keep_raw: bool,
     ) -> Result<bool> {
         let mut conn = self.conn();
@@ -446,15 +510,15 @@ impl Store {
         Ok(out)
     }
 
-    pub fn rotate_token(&self, user_id: i64, token: &str, keep_raw: bool) -> Result<()> {
+    pub fn rotate_token(&self, user_id: i64, token: &AgentToken, keep_raw: bool) -> Result<()> {
         let now = clock::now_rfc3339();
-        let hash = crate::auth::token_sha256(token);
+        let hash = token.sha256();
         let res = self.conn().execute(
             "INSERT INTO machine_credentials (user_id, token_sha256, token_hint, api_token, created_at, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?5)
              ON CONFLICT (user_id) DO UPDATE SET token_sha256 = excluded.token_sha256,
                  token_hint = excluded.token_hint, api_token = excluded.api_token, updated_at = excluded.updated_at",
-            params![user_id, hash, crate::auth::token_hint(token), keep_raw.then_some(token), now],
+            params![user_id, hash, token.hint(), keep_raw.then_some(token.expose()), now],
         );
         map_unique(res, "api_token already in use")?;
         Ok(())
@@ -548,27 +612,21 @@ impl Store {
         Ok(out)
     }
 
-    /// What store-and-forward will replay to `user_id`: the id range of the newest `limit`
-    /// stored CHAT/AUTH_* frames addressed to it that were never written to any of its
-    /// connections and are not older than `since`. None when there is nothing to replay.
-    pub fn replay_range(
+    /// Plans store and forward for `user_id`: retires every undelivered frame addressed to
+    /// it that falls outside the window (older than `since`; beyond its sender's share; from
+    /// agents, beyond the agents' window) and returns those, with the id of the newest frame
+    /// left to replay. One write in the writer's next commit.
+    pub fn plan_replay(
         &self,
         user_id: i64,
-        since: &str,
-        limit: i64,
-    ) -> Result<Option<(i64, i64)>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT MIN(id), MAX(id) FROM (SELECT id FROM chat_messages
-               WHERE receiver_id = ?1 AND delivered = 0 AND timestamp >= ?2
-                 AND type IN ('CHAT', 'AUTH_REQUEST', 'AUTH_RESPONSE')
-               ORDER BY id DESC LIMIT ?3)",
-        )?;
-        let (lo, hi): (Option<i64>, Option<i64>) = stmt
-            .query_row(params![user_id, since, limit], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?;
-        Ok(lo.zip(hi))
+        shares: ReplayShares,
+    ) -> Result<(Vec<Retired>, Option<i64>)> {
+        let (answer, wait) = answer();
+        self.inner
+            .jobs
+            .send(Job::PlanReplay(user_id, shares, answer))
+            .map_err(|_| StoreError::Closed)?;
+        wait.wait().unwrap_or(Err(StoreError::Closed))
     }
 
     /// One page of a replay: undelivered frames for `user_id` with ids in `from..=to`, in id
@@ -583,7 +641,6 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(&format!(
             "{CHAT_SELECT} WHERE receiver_id = ?1 AND delivered = 0 AND id >= ?2 AND id <= ?3
-               AND type IN ('CHAT', 'AUTH_REQUEST', 'AUTH_RESPONSE')
              ORDER BY id LIMIT ?4"
         ))?;
         let rows = stmt.query_map(params![user_id, from, to, page], chat_from_row)?;
@@ -622,13 +679,6 @@ impl Store {
         if !ids.is_empty() {
             let _ = self.inner.jobs.send(Job::Delivered(ids));
         }
-    }
-
-    /// Frames for `user_id` below `id` that a replay left out (beyond the newest 1000, or too
-    /// old) will never be sent: stop counting them as undelivered, so that no later replay
-    /// sends them after newer frames. Asynchronous.
-    pub fn abandon_undelivered_below(&self, user_id: i64, id: i64) {
-        let _ = self.inner.jobs.send(Job::Abandon(user_id, id));
     }
 
     /// Records (asynchronously) when a machine user was last seen.
@@ -731,7 +781,7 @@ const USER_SELECT: &str =
      FROM users u LEFT JOIN machine_credentials m ON m.user_id = u.id";
 
 const CHAT_SELECT: &str = "SELECT id, local_id, sender_id, receiver_id, type, content, stream_id,
-        conversation_id, timestamp FROM chat_messages";
+        conversation_id, timestamp, delivered FROM chat_messages";
 
 fn user_from_row(r: &rusqlite::Row) -> rusqlite::Result<UserRow> {
     let role: String = r.get(2)?;
@@ -769,6 +819,7 @@ fn chat_from_row(r: &rusqlite::Row) -> rusqlite::Result<ChatRow> {
         stream_id: r.get(6)?,
         conversation_id: r.get(7)?,
         timestamp: r.get(8)?,
+        delivery: Delivery::from_column(r.get(9)?),
     })
 }
 
@@ -810,9 +861,9 @@ fn insert_machine(conn: &Connection, m: &NewMachine, keep_raw: bool, now: &str) 
          VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
         params![
             id,
-            crate::auth::token_sha256(m.token),
-            crate::auth::token_hint(m.token),
-            keep_raw.then_some(m.token),
+            m.token.sha256(),
+            m.token.hint(),
+            keep_raw.then_some(m.token.expose()),
             now
         ],
     );
@@ -898,6 +949,13 @@ fn migrate(conn: &mut Connection) -> Result<()> {
 
 // ----- the writer thread ----------------------------------------------------------------
 
+/// What one job of a batch produced, for its caller.
+enum Outcome {
+    Stored(Result<Stored>),
+    Plan(Result<(Vec<Retired>, Option<i64>)>),
+    Nothing,
+}
+
 fn run_writer(mut conn: Connection, rx: Receiver<Job>, stats: Arc<WriterStats>) {
     use std::sync::atomic::Ordering::Relaxed;
     while let Ok(first) = rx.recv() {
@@ -909,14 +967,14 @@ fn run_writer(mut conn: Connection, rx: Receiver<Job>, stats: Arc<WriterStats>) 
             }
         }
         let started = Instant::now();
-        let (results, committed) = write_batch(&mut conn, &batch);
+        let (outcomes, committed) = write_batch(&mut conn, &batch);
         if committed {
             stats.commits.fetch_add(1, Relaxed);
             stats.jobs.fetch_add(batch.len() as u64, Relaxed);
             stats.rows.fetch_add(
-                results
+                outcomes
                     .iter()
-                    .filter(|r| matches!(r, Some(Ok(s)) if !s.duplicate))
+                    .filter(|o| matches!(o, Outcome::Stored(Ok(s)) if !s.duplicate))
                     .count() as u64,
                 Relaxed,
             );
@@ -926,22 +984,26 @@ fn run_writer(mut conn: Connection, rx: Receiver<Job>, stats: Arc<WriterStats>) 
         } else {
             stats.failed_commits.fetch_add(1, Relaxed);
         }
-        for (job, result) in batch.into_iter().zip(results) {
-            let result = if committed {
-                result
-            } else {
-                Some(Err(StoreError::Db(rusqlite::Error::SqliteFailure(
-                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
-                    Some("commit failed".into()),
-                ))))
-            };
-            match (job, result) {
-                (Job::Chat(_, reply), Some(r)) | (Job::Log(_, reply), Some(r)) => {
-                    reply.send(r);
+        for (job, outcome) in batch.into_iter().zip(outcomes) {
+            match (job, outcome) {
+                (Job::Chat(_, reply), Outcome::Stored(r))
+                | (Job::Log(_, reply), Outcome::Stored(r)) => {
+                    reply.send(if committed {
+                        r
+                    } else {
+                        Err(StoreError::BatchFailed)
+                    });
                 }
-                (Job::Barrier(done), _) => {
-                    done.send(());
+                (Job::PlanReplay(_, _, reply), Outcome::Plan(r)) => {
+                    reply.send(if committed {
+                        r
+                    } else {
+                        Err(StoreError::BatchFailed)
+                    });
                 }
+                (Job::Barrier(done), _) => done.send(()),
+                // An answer dropped unsent wakes its caller with "the store is gone"; a
+                // failed batch is said explicitly above.
                 _ => {}
             }
         }
@@ -951,39 +1013,43 @@ fn run_writer(mut conn: Connection, rx: Receiver<Job>, stats: Arc<WriterStats>) 
 /// Runs one batch in one transaction. A row that breaks a constraint fails alone (SQLite rolls
 /// back only that statement); an error that rolls back the transaction, or a failing commit,
 /// fails the batch, and every caller is told so.
-fn write_batch(conn: &mut Connection, batch: &[Job]) -> (Vec<Option<Result<Stored>>>, bool) {
+fn write_batch(conn: &mut Connection, batch: &[Job]) -> (Vec<Outcome>, bool) {
+    let failed = |batch: &[Job]| {
+        batch
+            .iter()
+            .map(|job| match job {
+                Job::Chat(..) | Job::Log(..) => Outcome::Stored(Err(StoreError::BatchFailed)),
+                Job::PlanReplay(..) => Outcome::Plan(Err(StoreError::BatchFailed)),
+                _ => Outcome::Nothing,
+            })
+            .collect()
+    };
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
             crate::log_error!("store: cannot begin a write transaction: {e}");
-            return (batch.iter().map(|_| None).collect(), false);
+            return (failed(batch), false);
         }
     };
-    let mut results = Vec::with_capacity(batch.len());
+    let mut outcomes = Vec::with_capacity(batch.len());
     for job in batch {
-        let r = match job {
-            Job::Chat(c, _) => Some(write_chat(&tx, c)),
-            Job::Log(l, _) => Some(write_log(&tx, l)),
+        let outcome = match job {
+            Job::Chat(c, _) => Outcome::Stored(write_chat(&tx, c)),
+            Job::Log(l, _) => Outcome::Stored(write_log(&tx, l)),
             Job::Delivered(ids) => {
                 for id in ids {
                     if let Err(e) = tx
-                        .prepare_cached("UPDATE chat_messages SET delivered = 1 WHERE id = ?1")
+                        .prepare_cached(
+                            "UPDATE chat_messages SET delivered = 1 WHERE id = ?1 AND delivered = 0",
+                        )
                         .and_then(|mut st| st.execute([id]))
                     {
                         crate::log_warn!("store: cannot record a delivery: {e}");
                     }
                 }
-                None
+                Outcome::Nothing
             }
-            Job::Abandon(user, below) => {
-                if let Err(e) = tx.execute(
-                    "UPDATE chat_messages SET delivered = 1 WHERE receiver_id = ?1 AND delivered = 0 AND id < ?2",
-                    params![user, below],
-                ) {
-                    crate::log_warn!("store: cannot retire frames left out of a replay: {e}");
-                }
-                None
-            }
+            Job::PlanReplay(user, shares, _) => Outcome::Plan(plan_replay(&tx, *user, shares)),
             Job::LastSeen(user, at) => {
                 if let Err(e) = tx.execute(
                     "UPDATE users SET last_seen_at = ?2 WHERE id = ?1",
@@ -991,11 +1057,11 @@ fn write_batch(conn: &mut Connection, batch: &[Job]) -> (Vec<Option<Result<Store
                 ) {
                     crate::log_warn!("store: cannot record last_seen_at: {e}");
                 }
-                None
+                Outcome::Nothing
             }
-            Job::Barrier(_) => None,
+            Job::Barrier(_) => Outcome::Nothing,
         };
-        results.push(r);
+        outcomes.push(outcome);
         // Some errors (disk full, I/O, out of memory) make SQLite roll the whole transaction
         // back. The rest of the batch would then run outside it, committed row by row while
         // the earlier callers are told their rows failed: fail the whole batch instead.
@@ -1004,20 +1070,73 @@ fn write_batch(conn: &mut Connection, batch: &[Job]) -> (Vec<Option<Result<Store
                 "store: the write transaction was rolled back; {} writes not stored",
                 batch.len()
             );
-            results.resize_with(batch.len(), || None);
-            return (results, false);
+            return (failed(batch), false);
         }
     }
     match tx.commit() {
-        Ok(()) => (results, true),
+        Ok(()) => (outcomes, true),
         Err(e) => {
             crate::log_error!(
                 "store: commit failed, {} writes not stored: {e}",
                 batch.len()
             );
-            (results, false)
+            (failed(batch), false)
         }
     }
+}
+
+/// See `Store::plan_replay`. One statement retires what the window leaves out; the frames
+/// kept are each sender's newest, by the shares, and no older than `since`.
+fn plan_replay(
+    tx: &rusqlite::Transaction,
+    user: i64,
+    shares: &ReplayShares,
+) -> Result<(Vec<Retired>, Option<i64>)> {
+    let mut stmt = tx.prepare_cached(
+        "WITH pending AS (
+             SELECT c.id, c.timestamp, u.role AS sender_role,
+                    ROW_NUMBER() OVER (PARTITION BY c.sender_id ORDER BY c.id DESC) AS nth
+             FROM chat_messages c JOIN users u ON u.id = c.sender_id
+             WHERE c.receiver_id = ?1 AND c.delivered = 0
+         ),
+         agent_kept AS (
+             SELECT id FROM pending
+             WHERE sender_role = 'AGENT' AND nth <= ?4 AND timestamp >= ?2
+             ORDER BY id DESC LIMIT ?5
+         ),
+         kept AS (
+             SELECT id FROM pending
+             WHERE sender_role <> 'AGENT' AND nth <= ?3 AND timestamp >= ?2
+             UNION ALL SELECT id FROM agent_kept
+         )
+         UPDATE chat_messages SET delivered = 2
+         WHERE receiver_id = ?1 AND delivered = 0 AND id NOT IN (SELECT id FROM kept)
+         RETURNING id, sender_id, local_id",
+    )?;
+    let retired = stmt
+        .query_map(
+            params![
+                user,
+                shares.since,
+                shares.priority,
+                shares.agent,
+                shares.agent_window
+            ],
+            |r| {
+                Ok(Retired {
+                    id: r.get(0)?,
+                    sender_id: r.get(1)?,
+                    local_id: r.get(2)?,
+                })
+            },
+        )?
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let last: Option<i64> = tx.query_row(
+        "SELECT MAX(id) FROM chat_messages WHERE receiver_id = ?1 AND delivered = 0",
+        [user],
+        |r| r.get(0),
+    )?;
+    Ok((retired, last))
 }
 
 fn write_chat(tx: &rusqlite::Transaction, c: &NewChat) -> Result<Stored> {
@@ -1047,7 +1166,7 @@ fn write_chat(tx: &rusqlite::Transaction, c: &NewChat) -> Result<Stored> {
         c.local_id,
         c.sender_id,
         c.receiver_id,
-        c.kind,
+        c.kind.as_str(),
         c.payload,
         c.stream_id,
         c.conversation_id,

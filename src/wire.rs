@@ -10,6 +10,200 @@ pub const SERVER_ID: i64 = 0;
 pub const SERVER_NAME: &str = "echocenter";
 pub const SERVER_ROLE: &str = "SERVER";
 
+/// Every frame type, in one list (SPEC section 4). The server sends the last four itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    SystemLog,
+    Chat,
+    ChatStream,
+    ChatStreamEnd,
+    AuthRequest,
+    AuthResponse,
+    AuthStatusUpdate,
+    Ack,
+    Error,
+    Presence,
+    ButlerAgentMessage,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 11] = [
+        Kind::SystemLog,
+        Kind::Chat,
+        Kind::ChatStream,
+        Kind::ChatStreamEnd,
+        Kind::AuthRequest,
+        Kind::AuthResponse,
+        Kind::AuthStatusUpdate,
+        Kind::Ack,
+        Kind::Error,
+        Kind::Presence,
+        Kind::ButlerAgentMessage,
+    ];
+
+    /// The kinds stored in `chat_messages`, which store-and-forward replays.
+    pub const REPLAYED: [Kind; 3] = [Kind::Chat, Kind::AuthRequest, Kind::AuthResponse];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::SystemLog => "SYSTEM_LOG",
+            Kind::Chat => "CHAT",
+            Kind::ChatStream => "CHAT_STREAM",
+            Kind::ChatStreamEnd => "CHAT_STREAM_END",
+            Kind::AuthRequest => "AUTH_REQUEST",
+            Kind::AuthResponse => "AUTH_RESPONSE",
+            Kind::AuthStatusUpdate => "AUTH_STATUS_UPDATE",
+            Kind::Ack => "ACK",
+            Kind::Error => "ERROR",
+            Kind::Presence => "PRESENCE",
+            Kind::ButlerAgentMessage => "BUTLER_AGENT_MESSAGE",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Only the server sends these; a client's copy is `forbidden`.
+    pub fn server_only(self) -> bool {
+        matches!(
+            self,
+            Kind::Ack | Kind::Error | Kind::Presence | Kind::ButlerAgentMessage
+        )
+    }
+
+    /// Stored before they are routed.
+    pub fn stored(self) -> bool {
+        matches!(
+            self,
+            Kind::SystemLog | Kind::Chat | Kind::AuthRequest | Kind::AuthResponse
+        )
+    }
+
+    /// Position in `ALL`, for per-kind counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The `code` of every ERROR frame, in one list (SPEC section 4, plus `undelivered`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Code {
+    BadJson,
+    BadEnvelope,
+    UnknownType,
+    Forbidden,
+    TargetRequired,
+    TargetNotFound,
+    RateLimited,
+    Internal,
+    /// Frames addressed to a machine that store-and-forward retired unsent (see README).
+    Undelivered,
+}
+
+impl Code {
+    pub const ALL: [Code; 9] = [
+        Code::BadJson,
+        Code::BadEnvelope,
+        Code::UnknownType,
+        Code::Forbidden,
+        Code::TargetRequired,
+        Code::TargetNotFound,
+        Code::RateLimited,
+        Code::Internal,
+        Code::Undelivered,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::BadJson => "bad_json",
+            Code::BadEnvelope => "bad_envelope",
+            Code::UnknownType => "unknown_type",
+            Code::Forbidden => "forbidden",
+            Code::TargetRequired => "target_required",
+            Code::TargetNotFound => "target_not_found",
+            Code::RateLimited => "rate_limited",
+            Code::Internal => "internal",
+            Code::Undelivered => "undelivered",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Every way the server closes a WebSocket, with its code and reason, in one list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Close {
+    Normal,
+    /// The peer's own close code, echoed (RFC 6455 section 5.5.1).
+    Echo(u16),
+    ServerShutdown,
+    ProtocolError,
+    InvalidUtf8,
+    TokenRevoked,
+    TokenExpired,
+    AgentRemoved,
+    UserRemoved,
+    DataReset,
+    TooManyErrors,
+    RateLimited,
+    MessageTooBig,
+    PingTimeout,
+    SlowConsumer,
+    /// The peer vanished: nothing can be sent (1006 is never on the wire).
+    Gone,
+}
+
+impl Close {
+    pub fn code(self) -> u16 {
+        match self {
+            Close::Normal => 1000,
+            Close::Echo(code) => code,
+            Close::ServerShutdown => 1001,
+            Close::ProtocolError => 1002,
+            Close::Gone => 1006,
+            Close::InvalidUtf8 => 1007,
+            Close::TokenRevoked
+            | Close::TokenExpired
+            | Close::AgentRemoved
+            | Close::UserRemoved
+            | Close::DataReset
+            | Close::TooManyErrors
+            | Close::RateLimited => 1008,
+            Close::MessageTooBig => 1009,
+            Close::PingTimeout => 1011,
+            Close::SlowConsumer => 1013,
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Close::Normal | Close::Echo(_) | Close::Gone => "",
+            Close::ServerShutdown => "server shutdown",
+            Close::ProtocolError => "protocol error",
+            Close::InvalidUtf8 => "invalid utf-8",
+            Close::TokenRevoked => "token revoked",
+            Close::TokenExpired => "token expired",
+            Close::AgentRemoved => "agent removed",
+            Close::UserRemoved => "user removed",
+            Close::DataReset => "data reset",
+            Close::TooManyErrors => "too many errors",
+            Close::RateLimited => "rate limited",
+            Close::MessageTooBig => "message too big",
+            Close::PingTimeout => "ping timeout",
+            Close::SlowConsumer => "slow consumer",
+        }
+    }
+
+    /// Whether what is already queued is written before the close frame. Not when the peer
+    /// does not read (slow consumer) or does not answer (ping timeout).
+    pub fn flushes_queue(self) -> bool {
+        !matches!(self, Close::SlowConsumer | Close::PingTimeout)
+    }
+}
+
 /// Deepest nesting of arrays and objects a frame's payload may have. Deeper payloads are
 /// refused: they are of no use to anyone, and relayed they crash clients whose JSON parsers
 /// recurse (Python's `json.loads` raises `RecursionError` near 1,000 levels).
@@ -107,10 +301,10 @@ pub struct Frame<'a> {
 
 impl<'a> Frame<'a> {
     /// A frame spoken by the server itself.
-    pub fn server(kind: &'a str, payload: Option<&'a RawValue>, timestamp: &'a str) -> Frame<'a> {
+    pub fn server(kind: Kind, payload: Option<&'a RawValue>, timestamp: &'a str) -> Frame<'a> {
         Frame {
             id: None,
-            kind,
+            kind: kind.as_str(),
             sender_id: SERVER_ID,
             sender_name: SERVER_NAME,
             sender_role: SERVER_ROLE,
@@ -133,6 +327,17 @@ impl<'a> Frame<'a> {
 pub struct ErrorPayload<'a> {
     pub code: &'a str,
     pub message: &'a str,
+}
+
+/// The payload of an ERROR `undelivered`: frames that store and forward retired unsent.
+#[derive(Serialize)]
+pub struct UndeliveredPayload<'a> {
+    pub code: &'a str,
+    pub message: &'a str,
+    pub receiver_id: i64,
+    pub count: usize,
+    /// The retired frames' ids, newest first (at most 100).
+    pub ids: &'a [i64],
 }
 
 #[derive(Serialize)]
@@ -240,6 +445,9 @@ pub struct ChatView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conversation_id: Option<i64>,
     pub timestamp: &'a str,
+    /// `delivered`, `pending` (addressed to a machine that has not received it yet) or
+    /// `retired` (store and forward gave up on it; see README).
+    pub delivery: &'a str,
 }
 
 #[derive(Deserialize)]

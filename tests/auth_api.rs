@@ -454,11 +454,15 @@ fn an_agent_token_on_a_human_route_gets_403_forbidden() {
     let admin = s.admin_token();
     let (_, agent) = s.register_agent(&admin, "bot");
     let butler = s.butler_token(&admin);
+    // The Butler may read the agent directory (it instructs agents by name); agents may not.
+    for path in ["/api/users/agents", "/api/users/agents/status"] {
+        assert_eq!(s.get(path, &butler).status, 200, "{path}");
+        let r = s.get(path, &agent);
+        assert_eq!((r.status, r.error()), (403, "forbidden".into()), "{path}");
+    }
     for token in [&agent, &butler] {
         for path in [
             "/api/messages",
-            "/api/users/agents",
-            "/api/users/agents/status",
             "/api/users/butler",
             "/api/chat/butler-agent/3",
             "/api/dev/mock/agent-token/bot",

@@ -138,7 +138,13 @@ fn every_rest_route_admits_exactly_the_roles_of_the_spec() {
             )
         }),
         route("GET", "/api/users/agents", Who::HumanOrButler, 200, none),
-        route("GET", "/api/users/agents/status", Who::HumanOrButler, 200, none),
+        route(
+            "GET",
+            "/api/users/agents/status",
+            Who::HumanOrButler,
+            200,
+            none,
+        ),
         route("GET", "/api/users/butler", Who::Human, 200, none),
         route(
             "GET",

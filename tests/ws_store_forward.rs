@@ -136,3 +136,161 @@ fn only_the_newest_thousand_are_replayed_in_pages_and_the_rest_never_resurface()
     assert_eq!(again.recv_type("CHAT")["id"], newest);
     again.assert_no("CHAT", Duration::from_millis(300));
 }
+
+/// `n` CHATs from `from` to `to`, each acknowledged or echoed; returns their ids.
+fn send_chats(from: &mut Ws, to: i64, n: usize, tag: &str, machine: bool) -> Vec<i64> {
+    let answer = if machine { "ACK" } else { "CHAT" };
+    let frames: Vec<_> = (0..n)
+        .map(|i| json!({"type": "CHAT", "target_id": to, "payload": format!("{tag} {i}"), "local_id": format!("{tag}-{i}")}))
+        .collect();
+    for chunk in frames.chunks(50) {
+        from.send_burst(chunk);
+    }
+    (0..n)
+        .map(|_| from.recv_type(answer)["id"].as_i64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_flood_of_agent_frames_never_pushes_out_a_humans_instruction() {
+    let s = Server::start_with(&["--max-frames-per-second", "100000"], &[]);
+    let admin = s.admin_token();
+    let (victim_id, victim) = s.register_agent(&admin, "victim");
+    let (_, junk) = s.register_agent(&admin, "junk");
+    let mut h = s.ws(&admin);
+    let instruction = send_chats(&mut h, victim_id, 1, "instruction", false)[0];
+    // 1000 junk CHATs after it, faster than anyone could read them.
+    let mut j = s.ws(&junk);
+    let junk_ids = send_chats(&mut j, victim_id, 1000, "junk", true);
+    let mut a = s.ws(&victim);
+    // The instruction comes first (oldest id), then the junk agent's newest 100 only.
+    assert_eq!(a.recv_type("CHAT")["id"], instruction);
+    for expected in &junk_ids[900..] {
+        assert_eq!(a.recv_type("CHAT")["id"], *expected);
+    }
+    a.assert_no("CHAT", Duration::from_millis(300));
+    // The junk sender is told, in one ERROR, that 900 of its frames were retired unsent.
+    let e = j.recv_type("ERROR");
+    assert_eq!(e["payload"]["code"], "undelivered", "{e}");
+    assert_eq!(e["payload"]["count"], 900);
+    assert_eq!(e["payload"]["receiver_id"], victim_id);
+    assert_eq!(e["local_id"], "junk-899");
+    assert_eq!(e["payload"]["ids"][0], junk_ids[899]);
+    // The admin's history says the instruction was delivered.
+    let history = s
+        .get(&format!("/api/chat/history/{victim_id}"), &admin)
+        .json();
+    let row = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == instruction)
+        .unwrap()
+        .clone();
+    s.wait_for("the delivery mark", Duration::from_secs(5), || {
+        let h = s
+            .get(&format!("/api/chat/history/{victim_id}"), &admin)
+            .json();
+        h.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == instruction && r["delivery"] == "delivered")
+    });
+    assert_eq!(row["payload"], "instruction 0");
+}
+
+#[test]
+fn agents_share_one_window_and_no_agent_fills_it_alone() {
+    let s = Server::start_with(&["--max-frames-per-second", "100000"], &[]);
+    let admin = s.admin_token();
+    let (victim_id, victim) = s.register_agent(&admin, "victim");
+    // Eleven agents with 100 frames each (1100, over the agents' window of 1000) and one
+    // with 300 (over its share of 100).
+    let mut sent: Vec<(usize, Vec<i64>)> = Vec::new();
+    for n in 0..12 {
+        let (_, token) = s.register_agent(&admin, &format!("sender-{n}"));
+        let mut w = s.ws(&token);
+        let count = if n == 0 { 300 } else { 100 };
+        sent.push((
+            n,
+            send_chats(&mut w, victim_id, count, &format!("s{n}"), true),
+        ));
+        w.close();
+    }
+    let mut a = s.ws(&victim);
+    let mut got = Vec::new();
+    while let Some(f) = a.recv_within(Duration::from_millis(500)) {
+        if f["type"] == "CHAT" {
+            got.push(f["id"].as_i64().unwrap());
+        }
+    }
+    let mut kept: Vec<i64> = sent
+        .iter()
+        .flat_map(|(n, ids)| if *n == 0 { &ids[200..] } else { &ids[..] })
+        .copied()
+        .collect();
+    kept.sort();
+    // The newest 1000 of what the shares allow, in id order.
+    let expect: Vec<i64> = kept[kept.len() - 1000..].to_vec();
+    assert_eq!(got.len(), 1000);
+    assert_eq!(got, expect);
+}
+
+#[test]
+fn a_humans_frames_beyond_its_share_are_retired_visibly() {
+    let s = Server::start_with(&["--max-frames-per-second", "100000"], &[]);
+    let admin = s.admin_token();
+    let (agent_id, token) = s.register_agent(&admin, "away");
+    let mut h = s.ws(&admin);
+    let ids = send_chats(&mut h, agent_id, 1003, "h", false);
+    let history = |s: &Server| {
+        s.get(
+            &format!(
+                "/api/chat/history/{agent_id}?limit=500&before_id={}",
+                ids[10]
+            ),
+            &admin,
+        )
+        .json()
+    };
+    let pending: Vec<String> = history(&s)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["delivery"].as_str().unwrap().to_string())
+        .collect();
+    assert!(pending.iter().all(|d| d == "pending"), "{pending:?}");
+    let mut a = s.ws(&token);
+    for expected in &ids[3..] {
+        assert_eq!(a.recv_type("CHAT")["id"], *expected);
+    }
+    // The human hears about the three that were not delivered ...
+    let e = h.recv_until(|v| v["type"] == "ERROR", "the undelivered report");
+    assert_eq!(e["payload"]["code"], "undelivered");
+    assert_eq!(e["payload"]["count"], 3);
+    assert_eq!(e["local_id"], "h-2");
+    // ... and its history says so, row by row.
+    let rows = history(&s);
+    let delivery = |id: i64| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap()["delivery"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    for id in &ids[..3] {
+        assert_eq!(delivery(*id), "retired");
+    }
+    s.wait_for("delivery marks", Duration::from_secs(5), || {
+        let rows = history(&s);
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["delivery"] == "delivered")
+            .count()
+            == 7
+    });
+}

@@ -33,8 +33,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::accept::{respond_json, Head};
 use crate::app::App;
+use crate::head::{respond_error, Head};
 use crate::http::{Body, Reply, Request, MAX_BODY_BYTES};
 use crate::{log_error, log_warn};
 
@@ -166,8 +166,7 @@ impl Bridge {
                     408 => "body_timeout",
                     _ => "body_malformed",
                 });
-                let body = format!(r#"{{"error":"{}"}}"#, r.message);
-                respond_json(&mut client, r.status, &body, &[]);
+                respond_error(&mut client, r.status, r.message, &[]);
                 if r.unread {
                     linger(&mut client);
                 }
@@ -182,11 +181,11 @@ impl Bridge {
                 log_error!("http: the HTTP layer did not answer: {e}");
                 let (status, body) = match e.kind() {
                     io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
-                        (504, r#"{"error":"the server took too long to answer"}"#)
+                        (504, "the server took too long to answer")
                     }
-                    _ => (503, r#"{"error":"server unavailable"}"#),
+                    _ => (503, "server unavailable"),
                 };
-                respond_json(&mut client, status, body, &[]);
+                respond_error(&mut client, status, body, &[]);
                 return;
             }
         };

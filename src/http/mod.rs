@@ -7,6 +7,7 @@
 //! the HTTP library underneath.
 
 pub mod bridge;
+mod dashboard;
 
 use std::net::IpAddr;
 
@@ -14,12 +15,12 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 
-use crate::accept::query_param;
 use crate::app::App;
 use crate::auth::{self, AuthFailure, BearerError};
-use crate::identity::{Principal, Role};
+use crate::head::query_param;
+use crate::identity::{sha256_hex, AgentToken, Principal, Role};
 use crate::store::{LogQuery, NewChat, NewLog, NewMachine, StoreError, UserRow};
-use crate::wire::{self, UserView};
+use crate::wire::{self, Close, Code, Kind, UserView};
 use crate::{clock, log_error};
 
 /// Largest request body of any route (SPEC section 3).
@@ -153,7 +154,7 @@ fn endpoint(path: &str) -> Option<Endpoint> {
         ["api", "chat", "butler-agent", agent] => Endpoint::ButlerAgent(owned(agent)),
         ["api", "chat", "auth", "response"] => Endpoint::AuthResponse,
         ["api", "dev", "mock", "agent-token", name] => {
-            Endpoint::DevToken(crate::accept::percent_decode(name))
+            Endpoint::DevToken(crate::head::percent_decode(name))
         }
         ["api", "dev", "mock", "reset"] => Endpoint::DevReset,
         ["api", "dev", "mock", "chat"] => Endpoint::DevChat,
@@ -235,7 +236,7 @@ fn route(ctx: &Ctx) -> Result<Reply> {
         m => m,
     };
     match (ep, method) {
-        (Endpoint::Dashboard, "GET") => Ok(crate::dashboard::page()),
+        (Endpoint::Dashboard, "GET") => Ok(dashboard::page()),
         (Endpoint::Ping, "GET") => Ok(Reply::json(200, &serde_json::json!({"message": "pong"}))),
         (Endpoint::Ws, "GET") => Err(Reply::error(426, "websocket upgrade required")),
         (Endpoint::Login, "POST") => login(ctx),
@@ -299,7 +300,7 @@ fn authorize(ctx: &Ctx, access: Access) -> Result<Principal> {
         metrics.limit("auth_throttled");
         return Err(throttled(wait));
     }
-    let who = auth::authenticate(&ctx.app.store, &ctx.app.keys, token).map_err(|e| match e {
+    let who = ctx.app.authenticate(token).map_err(|e| match e {
         AuthFailure::Invalid => {
             failed();
             ctx.app.token_failures.record_failure(ctx.peer);
@@ -421,14 +422,17 @@ fn user_views(ctx: &Ctx, rows: Vec<UserRow>) -> Result<Vec<UserView>> {
 
 fn user_view(ctx: &Ctx, u: UserRow, last_report: Option<String>) -> UserView {
     let machine = (!u.role.is_human()).then(|| {
-        let online_since = ctx.app.hub.online_since(u.id);
-        let online = online_since.is_some();
+        // One look at the registry gives presence and last-seen together; the database's
+        // last_seen_at is for users that have not disconnected since this server started.
+        let presence = ctx.app.hub.presence(u.id);
+        let online = presence.online;
         wire::MachineView {
             token_hint: u.token_hint.clone(),
             token_updated_at: u.token_updated_at.clone(),
             status: if online { "ONLINE" } else { "OFFLINE" },
             online,
-            last_seen_at: online_since
+            last_seen_at: presence
+                .last_seen_ms
                 .map(clock::format_ms)
                 .or(u.last_seen_at.clone()),
             last_report: last_report.unwrap_or_else(|| {
@@ -711,14 +715,14 @@ fn register_agent(ctx: &Ctx) -> Result<Reply> {
     )?;
     ctx.app.hub.forget_user(row.id);
     let mut view = single_view(ctx, row)?;
-    view.api_token = Some(token);
+    view.api_token = Some(token.expose().to_string());
     Ok(Reply::json(201, &view))
 }
 
 /// A caller-supplied token (validated), or a fresh one when none was given.
-fn supplied_or_new_token(supplied: Option<&str>) -> Result<String> {
+fn supplied_or_new_token(supplied: Option<&str>) -> Result<AgentToken> {
     match supplied.map(str::trim).filter(|t| !t.is_empty()) {
-        Some(t) if auth::valid_supplied_token(t) => Ok(t.to_string()),
+        Some(t) if auth::valid_supplied_token(t) => Ok(AgentToken::new(t)),
         Some(_) => Err(Reply::error(400, "invalid api_token")),
         None => Ok(auth::generate_token()),
     }
@@ -734,7 +738,7 @@ fn test_connection(ctx: &Ctx) -> Result<Reply> {
     let found = ctx
         .app
         .store
-        .machine_by_token_hash(&auth::token_sha256(token))?;
+        .machine_by_token_hash(&AgentToken::new(token).sha256())?;
     Ok(Reply::json(
         200,
         &match found {
@@ -783,14 +787,14 @@ fn rotate_token(ctx: &Ctx, raw_id: &str) -> Result<Reply> {
     ctx.app
         .store
         .rotate_token(user.id, &token, !ctx.app.production())?;
-    ctx.app.hub.close_user(user.id, 1008, "token revoked");
+    ctx.app.hub.close_user(user.id, Close::TokenRevoked);
     Ok(Reply::json(
         200,
         &wire::RotateResponse {
             ok: true,
             message: "agent token updated",
             agent_id: user.id,
-            api_token: token,
+            api_token: token.expose().to_string(),
         },
     ))
 }
@@ -800,7 +804,7 @@ fn delete_agent(ctx: &Ctx, raw_id: &str) -> Result<Reply> {
     let user = machine_target(ctx, raw_id, false)?;
     ctx.app.store.delete_agent(user.id)?;
     ctx.app.hub.forget_user(user.id);
-    ctx.app.hub.close_user(user.id, 1008, "agent removed");
+    ctx.app.hub.close_user(user.id, Close::AgentRemoved);
     Ok(Reply::json(200, &serde_json::json!({"ok": true})))
 }
 
@@ -816,6 +820,7 @@ fn chat_rows(rows: &[crate::store::ChatRow]) -> Vec<wire::ChatView<'_>> {
             stream_id: r.stream_id.as_deref(),
             conversation_id: r.conversation_id,
             timestamp: &r.timestamp,
+            delivery: r.delivery.as_str(),
         })
         .collect()
 }
@@ -860,7 +865,7 @@ fn auth_response(ctx: &Ctx) -> Result<Reply> {
             200,
             &serde_json::json!({"status": "processed"}),
         )),
-        Err(e) if e.code == "target_not_found" => Err(Reply::error(404, "butler not found")),
+        Err(e) if e.code == Code::TargetNotFound => Err(Reply::error(404, "butler not found")),
         Err(_) => Err(Reply::error(500, "internal server error")),
     }
 }
@@ -874,9 +879,9 @@ fn metrics(ctx: &Ctx) -> Result<Reply> {
         BearerError::Malformed => Reply::error(401, "invalid authorization header format"),
     })?;
     // Compare digests so neither length nor content leaks through timing.
-    let ok: bool = auth::token_sha256(presented)
+    let ok: bool = sha256_hex(presented)
         .as_bytes()
-        .ct_eq(auth::token_sha256(expected).as_bytes())
+        .ct_eq(sha256_hex(expected).as_bytes())
         .into();
     if !ok {
         return Err(Reply::error(401, "invalid token"));
@@ -924,7 +929,7 @@ fn dev_token(ctx: &Ctx, username: &str) -> Result<Reply> {
 
 fn dev_reset(ctx: &Ctx) -> Result<Reply> {
     dev_gate(ctx)?;
-    ctx.app.hub.close_all(1008, "data reset");
+    ctx.app.hub.close_all(Close::DataReset);
     // Let the closing sessions finish (their last writes and unregistering) before the wipe,
     // so nothing of the old world lands in the new one.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -933,7 +938,7 @@ fn dev_reset(ctx: &Ctx) -> Result<Reply> {
     }
     ctx.app.store.wipe()?;
     // Ids start again at 1: a JWT from before the reset must not name a new user.
-    let generation = crate::server::jwt_generation(&ctx.app.store).map_err(|e| {
+    let generation = crate::bootstrap::jwt_generation(&ctx.app.store).map_err(|e| {
         log_error!("http: {e}");
         Reply::error(500, "internal server error")
     })? + 1;
@@ -942,7 +947,7 @@ fn dev_reset(ctx: &Ctx) -> Result<Reply> {
         .set_setting("jwt_generation", &generation.to_string())?;
     ctx.app.keys.set_generation(generation);
     ctx.app.hub.forget_all_users();
-    crate::server::bootstrap(&ctx.app.store, &ctx.app.config)?;
+    crate::bootstrap::bootstrap(&ctx.app.store, &ctx.app.config)?;
     Ok(Reply::json(200, &serde_json::json!({"status": "reset"})))
 }
 
@@ -962,10 +967,11 @@ fn dev_chat(ctx: &Ctx) -> Result<Reply> {
     if wire::nesting_depth(req.content.get()) > wire::MAX_PAYLOAD_DEPTH {
         return Err(Reply::error(400, "content is nested too deeply"));
     }
-    let kind = req.kind.unwrap_or_else(|| "CHAT".into());
-    if !matches!(kind.as_str(), "CHAT" | "AUTH_REQUEST" | "AUTH_RESPONSE") {
-        return Err(Reply::error(400, "invalid type"));
-    }
+    let kind = match req.kind.as_deref().map(Kind::parse) {
+        None => Kind::Chat,
+        Some(Some(k)) if Kind::REPLAYED.contains(&k) => k,
+        Some(_) => return Err(Reply::error(400, "invalid type")),
+    };
     let stored = ctx.app.store.insert_chat(NewChat {
         sender_id: sender.id,
         receiver_id: receiver.id,

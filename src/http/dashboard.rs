@@ -10,9 +10,9 @@ use std::sync::OnceLock;
 use base64::Engine;
 use sha2::{Digest, Sha256};
 
-use crate::http::Reply;
+use super::Reply;
 
-const INDEX_HTML: &str = include_str!("dashboard/index.html");
+const INDEX_HTML: &str = include_str!("../dashboard/index.html");
 
 pub fn page() -> Reply {
     Reply::html(INDEX_HTML)
