@@ -79,7 +79,7 @@ pub fn serve(config: Config) -> Result<(), String> {
         } else {
             "development"
         },
-        app.store.path().display()
+        app.store.describe()
     );
     // Tests and scripts wait for this exact line on stdout.
     println!("listening on {local}");

@@ -117,7 +117,9 @@ fn only_the_bridge_names_tiny_http() {
             if path.is_dir() {
                 stack.push(path);
             } else if path.extension().is_some_and(|e| e == "rs")
-                && std::fs::read_to_string(&path).unwrap().contains("tiny_http::")
+                && std::fs::read_to_string(&path)
+                    .unwrap()
+                    .contains("tiny_http::")
             {
                 naming.push(path.file_name().unwrap().to_string_lossy().into_owned());
             }

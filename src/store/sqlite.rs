@@ -1,303 +1,154 @@
-//! The store: every SQL statement of the server lives here (and the schema in `sql/`).
+//! The SQLite backend: one WAL database file, several connections to it.
 //!
-//! Two SQLite connections to one WAL database:
-//! - `conn`, behind a mutex, for REST reads and the rare administrative writes;
-//! - a dedicated writer thread that owns a second connection and commits the hot-path inserts
-//!   (chat frames, dashboard logs, delivery flags) in batches: one commit, one fsync, for
-//!   everything that queued up while the previous commit was running (group commit).
-//!
-//! `submit_chat`/`submit_log` queue a row and return a `Pending`; its `wait` (which
-//! `insert_chat`/`insert_log` call at once) returns when the row is committed, so the caller
-//! gets the row's `id` before routing: an `id` a client has seen is always in the database.
+//! - Two small pools of read connections (WAL lets readers run beside the writer and each
+//!   other): `auth` for the point lookups that authentication and routing need, `general`
+//!   for everything else (history, log searches, lists, administrative writes). A slow search
+//!   therefore never queues an agent's authentication behind it.
+//! - The group-commit writer's own connection (`SqliteWriter`).
 
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
-use crossbeam_channel::{unbounded, Receiver, Sender};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde_json::value::RawValue;
 
+use super::writer::{Batches, Job, Outcome};
+use super::{
+    Backend, ChatRow, Delivery, LogQuery, LogRow, NewChat, NewLog, NewMachine, ReplayShares,
+    Result, Retired, StoreError, Stored, UserRow,
+};
 use crate::clock;
 use crate::config::Sync;
 use crate::identity::{AgentToken, Role};
-use crate::wire::Kind;
 
 /// Numbered migrations, applied in order, each in its own transaction, recorded by name.
-const MIGRATIONS: &[(&str, &str)] = &[("001_initial", include_str!("../sql/001_initial.sql"))];
-
-/// Most rows one group commit takes; bounds the latency a batch adds to its last member.
-const MAX_BATCH: usize = 512;
-
-#[derive(Debug)]
-pub enum StoreError {
-    /// A uniqueness rule was broken; the text is the client-facing reason.
-    Conflict(&'static str),
-    NotFound,
-    /// The database refused or failed a statement.
-    Db(rusqlite::Error),
-    /// The database file or its directory could not be prepared.
-    File(std::io::Error),
-    /// The group commit this write was part of failed (disk full, I/O): nothing of it is
-    /// stored, and the write may be retried.
-    BatchFailed,
-    /// The writer thread is gone (it would only end by panicking).
-    Closed,
-}
-
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StoreError::Conflict(why) => write!(f, "conflict: {why}"),
-            StoreError::NotFound => write!(f, "not found"),
-            StoreError::Db(e) => write!(f, "database error: {e}"),
-            StoreError::File(e) => write!(f, "{e}"),
-            StoreError::BatchFailed => write!(f, "the commit failed; nothing of it was stored"),
-            StoreError::Closed => write!(f, "store is shut down"),
-        }
-    }
-}
-
-impl std::error::Error for StoreError {}
+const MIGRATIONS: &[(&str, &str)] = &[("001_initial", include_str!("../../sql/001_initial.sql"))];
+/// Connections for authentication and routing lookups, and for everything else.
+const AUTH_CONNECTIONS: usize = 2;
+const GENERAL_CONNECTIONS: usize = 4;
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Db(e)
+        StoreError::Db(Box::new(e))
     }
 }
 
-pub type Result<T> = std::result::Result<T, StoreError>;
-
-#[derive(Clone, Debug)]
-pub struct UserRow {
-    pub id: i64,
-    pub username: String,
-    pub role: Role,
-    pub agent_kind: String,
-    pub runtime_kind: String,
-    pub description: String,
-    pub created_at: String,
-    pub deleted: bool,
-    pub last_seen_at: Option<String>,
-    pub token_hint: Option<String>,
-    pub token_updated_at: Option<String>,
-}
-
-#[derive(Debug)]
-pub struct NewMachine<'a> {
-    pub username: &'a str,
-    pub role: Role,
-    pub token: &'a AgentToken,
-    pub agent_kind: &'a str,
-    pub runtime_kind: &'a str,
-    pub description: &'a str,
-}
-
-#[derive(Clone, Debug)]
-pub struct LogRow {
-    pub id: i64,
-    pub agent_id: String,
-    pub level: String,
-    pub content: String,
-    pub timestamp: String,
-}
-
-#[derive(Debug, Default)]
-pub struct LogQuery {
-    pub offset: i64,
-    pub limit: i64,
-    pub agent_id: Option<String>,
-    /// Any of these levels (empty: all).
-    pub levels: Vec<String>,
-    pub q: Option<String>,
-    /// Rows older than this id only (paging back from a page's last row).
-    pub before_id: Option<i64>,
-    /// Timestamps (our RFC 3339 text, which sorts) at or after / before.
-    pub since: Option<String>,
-    pub until: Option<String>,
-    /// The page stops once its rows' content takes this many bytes of JSON (at least one row).
-    pub max_bytes: usize,
-}
-
-#[derive(Debug)]
-pub struct ChatRow {
-    pub id: i64,
-    pub local_id: Option<String>,
-    pub sender_id: i64,
-    pub receiver_id: i64,
-    pub kind: String,
-    pub payload: Box<RawValue>,
-    pub stream_id: Option<String>,
-    pub conversation_id: Option<i64>,
-    pub timestamp: String,
-    pub delivery: Delivery,
-}
-
-/// Where a stored chat frame stands with store and forward (`chat_messages.delivered`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    /// Addressed to a machine that has not received it yet.
-    Pending,
-    /// Written to one of the receiver's connections (or addressed to a human, who reads
-    /// history instead).
-    Delivered,
-    /// Left out of a replay: never sent (see `Store::plan_replay`).
-    Retired,
-}
-
-impl Delivery {
-    fn from_column(v: i64) -> Delivery {
-        match v {
-            0 => Delivery::Pending,
-            2 => Delivery::Retired,
-            _ => Delivery::Delivered,
-        }
+/// Opens (creating if needed, mode 0600) and migrates the database; returns the backend and
+/// the writer's side.
+pub fn open(path: &Path, sync: Sync) -> Result<(Sqlite, SqliteWriter)> {
+    prepare_file(path).map_err(|e| {
+        StoreError::File(std::io::Error::new(
+            e.kind(),
+            format!("{}: {e}", path.display()),
+        ))
+    })?;
+    let mut conn = open_connection(path, sync)?;
+    migrate(&mut conn)?;
+    let writer = SqliteWriter {
+        conn: open_connection(path, sync)?,
+    };
+    let mut general = vec![conn];
+    for _ in 1..GENERAL_CONNECTIONS {
+        general.push(open_connection(path, sync)?);
     }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Delivery::Pending => "pending",
-            Delivery::Delivered => "delivered",
-            Delivery::Retired => "retired",
-        }
-    }
+    let auth = (0..AUTH_CONNECTIONS)
+        .map(|_| open_connection(path, sync))
+        .collect::<Result<Vec<_>>>()?;
+    let backend = Sqlite {
+        path: path.to_path_buf(),
+        general: Pool::new(general),
+        auth: Pool::new(auth),
+    };
+    Ok((backend, writer))
 }
 
-/// The replay window's shares (see `hub::replay`).
-#[derive(Debug, Clone)]
-pub struct ReplayShares {
-    /// Frames older than this (stored timestamp) are not replayed.
-    pub since: String,
-    /// Newest frames kept per human or Butler sender.
-    pub priority: i64,
-    /// Newest frames kept per agent sender, and from all agents together.
-    pub agent: i64,
-    pub agent_window: i64,
-}
-
-/// A frame retired from store and forward, for telling its sender.
-#[derive(Debug, Clone)]
-pub struct Retired {
-    pub id: i64,
-    pub sender_id: i64,
-    pub local_id: Option<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct NewChat {
-    pub sender_id: i64,
-    pub receiver_id: i64,
-    pub kind: Kind,
-    /// The payload as JSON text, stored exactly as sent.
-    pub payload: String,
-    pub local_id: Option<String>,
-    pub stream_id: Option<String>,
-    pub conversation_id: Option<i64>,
-    /// Whether store-and-forward must deliver it (the receiver is an agent or the Butler).
-    pub forward: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct NewLog {
-    pub sender_id: Option<i64>,
-    pub agent_id: String,
-    pub level: String,
-    pub content: String,
-    pub local_id: Option<String>,
-}
-
-/// What a hot-path insert returns: the row's identity, and whether it was already there
-/// (a repeated `local_id`), in which case nothing new was stored.
-#[derive(Debug, Clone)]
-pub struct Stored {
-    pub id: i64,
-    pub timestamp: String,
-    pub duplicate: bool,
-}
-
-enum Job {
-    Chat(NewChat, Answer<Result<Stored>>),
-    Log(NewLog, Answer<Result<Stored>>),
-    Delivered(Vec<i64>),
-    PlanReplay(
-        i64,
-        ReplayShares,
-        Answer<Result<(Vec<Retired>, Option<i64>)>>,
-    ),
-    LastSeen(i64, String),
-    Barrier(Answer<()>),
-}
-
-/// Counters the writer keeps for `/metrics`.
-#[derive(Default)]
-pub struct WriterStats {
-    pub commits: std::sync::atomic::AtomicU64,
-    pub rows: std::sync::atomic::AtomicU64,
-    /// Writes of every kind (rows, delivery flags, last-seen times) in committed batches.
-    pub jobs: std::sync::atomic::AtomicU64,
-    pub commit_micros_total: std::sync::atomic::AtomicU64,
-    pub failed_commits: std::sync::atomic::AtomicU64,
-}
-
-#[derive(Clone)]
-pub struct Store {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    conn: Mutex<Connection>,
-    jobs: Sender<Job>,
+pub struct Sqlite {
     path: PathBuf,
-    stats: Arc<WriterStats>,
+    general: Pool,
+    auth: Pool,
 }
 
-impl Store {
-    /// Opens (creating if needed, mode 0600) and migrates the database, then starts the writer.
-    pub fn open(path: &Path, sync: Sync) -> Result<Store> {
-        prepare_file(path).map_err(|e| {
-            StoreError::File(std::io::Error::new(
-                e.kind(),
-                format!("{}: {e}", path.display()),
-            ))
-        })?;
-        let mut conn = open_connection(path, sync)?;
-        migrate(&mut conn)?;
-        let writer_conn = open_connection(path, sync)?;
-        let (jobs, rx) = unbounded();
-        let stats = Arc::new(WriterStats::default());
-        let writer_stats = stats.clone();
-        std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || run_writer(writer_conn, rx, writer_stats))
-            .map_err(StoreError::File)?;
-        Ok(Store {
-            inner: Arc::new(Inner {
-                conn: Mutex::new(conn),
-                jobs,
-                path: path.to_path_buf(),
-                stats,
-            }),
-        })
+/// Connections lent out one caller at a time; a caller waits when all are out.
+struct Pool {
+    free: Mutex<Vec<Connection>>,
+    returned: Condvar,
+}
+
+/// A connection borrowed from a pool; it goes back when dropped.
+struct Lease<'a> {
+    pool: &'a Pool,
+    conn: Option<Connection>,
+}
+
+impl Pool {
+    fn new(conns: Vec<Connection>) -> Pool {
+        Pool {
+            free: Mutex::new(conns),
+            returned: Condvar::new(),
+        }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.inner.path
+    fn get(&self) -> Lease<'_> {
+        // A panic while holding the lock leaves the list itself intact.
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(conn) = free.pop() {
+                return Lease {
+                    pool: self,
+                    conn: Some(conn),
+                };
+            }
+            free = self.returned.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl std::ops::Deref for Lease<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        // Present from `get` until `drop`.
+        self.conn.as_ref().expect("a lease holds its connection")
+    }
+}
+
+impl std::ops::DerefMut for Lease<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        self.conn.as_mut().expect("a lease holds its connection")
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let mut free: MutexGuard<'_, Vec<Connection>> =
+                self.pool.free.lock().unwrap_or_else(|p| p.into_inner());
+            free.push(conn);
+            self.pool.returned.notify_one();
+        }
+    }
+}
+
+impl Sqlite {
+    fn conn(&self) -> Lease<'_> {
+        self.general.get()
     }
 
-    pub fn stats(&self) -> &WriterStats {
-        &self.inner.stats
+    fn auth_conn(&self) -> Lease<'_> {
+        self.auth.get()
     }
+}
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock leaves the connection itself usable.
-        self.inner.conn.lock().unwrap_or_else(|p| p.into_inner())
+impl Backend for Sqlite {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
     }
 
     // ----- settings and bootstrap -------------------------------------------------------
 
-    pub fn setting(&self, key: &str) -> Result<Option<String>> {
+    fn setting(&self, key: &str) -> Result<Option<String>> {
         Ok(self
             .conn()
             .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
@@ -306,7 +157,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+    fn set_setting(&self, key: &str, value: &str) -> Result<()> {
         self.conn().execute(
             "INSERT INTO settings (key, value) VALUES (?1, ?2)
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -315,7 +166,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn user_count(&self) -> Result<i64> {
+    fn user_count(&self) -> Result<i64> {
         Ok(self
             .conn()
             .query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?)
@@ -323,7 +174,7 @@ impl Store {
 
     /// Creates the admin (id 1) and the Butler (id 2) on an empty database, in one transaction.
     /// Returns false (and changes nothing) when users already exist.
-    pub fn bootstrap(
+    fn bootstrap(
         &self,
         admin: &str,
         password_hash: &str,
@@ -356,7 +207,7 @@ impl Store {
     }
 
     /// Production keeps no raw tokens: clears every stored copy.
-    pub fn clear_raw_tokens(&self) -> Result<usize> {
+    fn clear_raw_tokens(&self) -> Result<usize> {
         Ok(self.conn().execute(
             "UPDATE machine_credentials SET api_token = NULL WHERE api_token IS NOT NULL",
             [],
@@ -365,8 +216,7 @@ impl Store {
 
     /// Wipes all data (for `/api/dev/mock/reset`); ids start again at 1. Pending hot-path
     /// writes are committed first so none lands after the wipe.
-    pub fn wipe(&self) -> Result<()> {
-        self.flush();
+    fn wipe(&self) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(
@@ -383,7 +233,7 @@ impl Store {
 
     // ----- users ------------------------------------------------------------------------
 
-    pub fn create_human(&self, username: &str, role: Role, password_hash: &str) -> Result<UserRow> {
+    fn create_human(&self, username: &str, role: Role, password_hash: &str) -> Result<UserRow> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let id = insert_human(&tx, username, role, password_hash, &clock::now_rfc3339())?;
@@ -391,7 +241,7 @@ impl Store {
         user_by_id(&conn, id)?.ok_or(StoreError::NotFound)
     }
 
-    pub fn create_machine(&self, m: &NewMachine, keep_raw: bool) -> Result<UserRow> {
+    fn create_machine(&self, m: &NewMachine, keep_raw: bool) -> Result<UserRow> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let id = insert_machine(&tx, m, keep_raw, &clock::now_rfc3339())?;
@@ -399,11 +249,11 @@ impl Store {
         user_by_id(&conn, id)?.ok_or(StoreError::NotFound)
     }
 
-    pub fn user_by_id(&self, id: i64) -> Result<Option<UserRow>> {
-        user_by_id(&self.conn(), id)
+    fn user_by_id(&self, id: i64) -> Result<Option<UserRow>> {
+        user_by_id(&self.auth_conn(), id)
     }
 
-    pub fn user_by_name(&self, username: &str) -> Result<Option<UserRow>> {
+    fn user_by_name(&self, username: &str) -> Result<Option<UserRow>> {
         let conn = self.conn();
         let id: Option<i64> = conn
             .query_row(
@@ -419,7 +269,7 @@ impl Store {
     }
 
     /// The password hash of a live human, for login.
-    pub fn password_hash(&self, username: &str) -> Result<Option<(i64, String)>> {
+    fn password_hash(&self, username: &str) -> Result<Option<(i64, String)>> {
         Ok(self
             .conn()
             .query_row(
@@ -432,8 +282,8 @@ impl Store {
     }
 
     /// The live AGENT or BUTLER whose token hashes to `sha256`.
-    pub fn machine_by_token_hash(&self, sha256: &str) -> Result<Option<UserRow>> {
-        let conn = self.conn();
+    fn machine_by_token_hash(&self, sha256: &str) -> Result<Option<UserRow>> {
+        let conn = self.auth_conn();
         let id: Option<i64> = conn
             .query_row(
                 "SELECT u.id FROM machine_credentials m JOIN users u ON u.id = m.user_id
@@ -449,7 +299,7 @@ impl Store {
     }
 
     /// The current token hash of a machine user (None when it has no credential any more).
-    pub fn token_hash_of(&self, user_id: i64) -> Result<Option<String>> {
+    fn token_hash_of(&self, user_id: i64) -> Result<Option<String>> {
         Ok(self
             .conn()
             .query_row(
@@ -461,7 +311,7 @@ impl Store {
     }
 
     /// The raw token kept outside production (None when there is no copy).
-    pub fn raw_token(&self, user_id: i64) -> Result<Option<String>> {
+    fn raw_token(&self, user_id: i64) -> Result<Option<String>> {
         Ok(self
             .conn()
             .query_row(
@@ -474,7 +324,7 @@ impl Store {
     }
 
     /// Live AGENT and BUTLER users, ordered by id.
-    pub fn machines(&self) -> Result<Vec<UserRow>> {
+    fn machines(&self) -> Result<Vec<UserRow>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(&format!(
             "{USER_SELECT} WHERE u.role IN ('AGENT', 'BUTLER') AND u.deleted_at IS NULL ORDER BY u.id"
@@ -484,8 +334,8 @@ impl Store {
     }
 
     /// The Butler (the live BUTLER user with the lowest id), if there is one.
-    pub fn butler(&self) -> Result<Option<UserRow>> {
-        let conn = self.conn();
+    fn butler(&self) -> Result<Option<UserRow>> {
+        let conn = self.auth_conn();
         let mut stmt = conn.prepare_cached(&format!(
             "{USER_SELECT} WHERE u.role = 'BUTLER' AND u.deleted_at IS NULL ORDER BY u.id LIMIT 1"
         ))?;
@@ -493,7 +343,7 @@ impl Store {
     }
 
     /// The latest SYSTEM_LOG content of each named agent (absent when it never reported).
-    pub fn last_reports(&self, usernames: &[&str]) -> Result<HashMap<String, String>> {
+    fn last_reports(&self, usernames: &[&str]) -> Result<HashMap<String, String>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT content FROM messages WHERE agent_id = ?1 ORDER BY id DESC LIMIT 1",
@@ -510,7 +360,7 @@ impl Store {
         Ok(out)
     }
 
-    pub fn rotate_token(&self, user_id: i64, token: &AgentToken, keep_raw: bool) -> Result<()> {
+    fn rotate_token(&self, user_id: i64, token: &AgentToken, keep_raw: bool) -> Result<()> {
         let now = clock::now_rfc3339();
         let hash = token.sha256();
         let res = self.conn().execute(
@@ -525,7 +375,7 @@ impl Store {
     }
 
     /// Marks an agent deleted and drops its credential; its history stays.
-    pub fn delete_agent(&self, user_id: i64) -> Result<()> {
+    fn delete_agent(&self, user_id: i64) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
@@ -545,7 +395,7 @@ impl Store {
 
     // ----- dashboard logs ---------------------------------------------------------------
 
-    pub fn logs(&self, q: &LogQuery) -> Result<Vec<LogRow>> {
+    fn logs(&self, q: &LogQuery) -> Result<Vec<LogRow>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT id, agent_id, level, content, timestamp FROM messages
@@ -593,7 +443,7 @@ impl Store {
 
     /// Both directions between `a` and `b`: the newest `limit` rows below `before_id`,
     /// returned oldest first.
-    pub fn chat_history(
+    fn chat_history(
         &self,
         a: i64,
         b: i64,
@@ -612,26 +462,9 @@ impl Store {
         Ok(out)
     }
 
-    /// Plans store and forward for `user_id`: retires every undelivered frame addressed to
-    /// it that falls outside the window (older than `since`; beyond its sender's share; from
-    /// agents, beyond the agents' window) and returns those, with the id of the newest frame
-    /// left to replay. One write in the writer's next commit.
-    pub fn plan_replay(
-        &self,
-        user_id: i64,
-        shares: ReplayShares,
-    ) -> Result<(Vec<Retired>, Option<i64>)> {
-        let (answer, wait) = answer();
-        self.inner
-            .jobs
-            .send(Job::PlanReplay(user_id, shares, answer))
-            .map_err(|_| StoreError::Closed)?;
-        wait.wait().unwrap_or(Err(StoreError::Closed))
-    }
-
     /// One page of a replay: undelivered frames for `user_id` with ids in `from..=to`, in id
     /// order, at most `page` of them. Paged so a long backlog never sits in memory at once.
-    pub fn undelivered_page(
+    fn undelivered_page(
         &self,
         user_id: i64,
         from: i64,
@@ -645,133 +478,6 @@ impl Store {
         ))?;
         let rows = stmt.query_map(params![user_id, from, to, page], chat_from_row)?;
         Ok(rows.collect::<std::result::Result<_, _>>()?)
-    }
-
-    // ----- hot path: group-committed writes ---------------------------------------------
-
-    pub fn insert_chat(&self, chat: NewChat) -> Result<Stored> {
-        self.submit_chat(chat).wait()
-    }
-
-    pub fn insert_log(&self, log: NewLog) -> Result<Stored> {
-        self.submit_log(log).wait()
-    }
-
-    /// Queues a chat row for the next commit without waiting for it. Rows submitted from
-    /// one thread are committed in submission order (one writer, one queue).
-    pub fn submit_chat(&self, chat: NewChat) -> Pending {
-        self.submit(|answer| Job::Chat(chat, answer))
-    }
-
-    /// Queues a log row for the next commit without waiting for it.
-    pub fn submit_log(&self, log: NewLog) -> Pending {
-        self.submit(|answer| Job::Log(log, answer))
-    }
-
-    fn submit(&self, job: impl FnOnce(Answer<Result<Stored>>) -> Job) -> Pending {
-        let (answer, wait) = answer();
-        Pending(self.inner.jobs.send(job(answer)).ok().map(|_| wait))
-    }
-
-    /// Records (asynchronously) that these stored frames were written to a connection of
-    /// their receiver. A crash before the commit means they are sent again: at least once.
-    pub fn mark_delivered(&self, ids: Vec<i64>) {
-        if !ids.is_empty() {
-            let _ = self.inner.jobs.send(Job::Delivered(ids));
-        }
-    }
-
-    /// Records (asynchronously) when a machine user was last seen.
-    pub fn set_last_seen(&self, user_id: i64, at: String) {
-        let _ = self.inner.jobs.send(Job::LastSeen(user_id, at));
-    }
-
-    /// Waits until every write queued before this call is committed.
-    pub fn flush(&self) {
-        let (answer, wait) = answer();
-        if self.inner.jobs.send(Job::Barrier(answer)).is_ok() {
-            let _ = wait.wait();
-        }
-    }
-}
-
-/// A row submitted to the writer: `wait` returns once its batch is committed (or failed).
-pub struct Pending(Option<Wait<Result<Stored>>>);
-
-impl Pending {
-    pub fn wait(self) -> Result<Stored> {
-        self.0
-            .and_then(Wait::wait)
-            .unwrap_or(Err(StoreError::Closed))
-    }
-}
-
-/// The writer thread's answer to one caller: a mutex and a condition variable rather than a
-/// channel, because crossbeam's channels spin and `sched_yield` before they sleep, and with
-/// one waiting reader per connection that spinning took ~12% of all server CPU in the
-/// closed-loop benchmark on 2 cores (perf). An answer dropped unsent wakes its caller with
-/// `None` (the writer is gone).
-struct Answer<T> {
-    slot: Arc<Slot<T>>,
-    sent: bool,
-}
-
-struct Wait<T> {
-    slot: Arc<Slot<T>>,
-}
-
-struct Slot<T> {
-    value: Mutex<Option<Option<T>>>,
-    ready: std::sync::Condvar,
-}
-
-fn answer<T>() -> (Answer<T>, Wait<T>) {
-    let slot = Arc::new(Slot {
-        value: Mutex::new(None),
-        ready: std::sync::Condvar::new(),
-    });
-    (
-        Answer {
-            slot: slot.clone(),
-            sent: false,
-        },
-        Wait { slot },
-    )
-}
-
-impl<T> Answer<T> {
-    fn send(mut self, value: T) {
-        self.put(Some(value));
-        self.sent = true;
-    }
-
-    fn put(&self, value: Option<T>) {
-        *self.slot.value.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
-        self.slot.ready.notify_one();
-    }
-}
-
-impl<T> Drop for Answer<T> {
-    fn drop(&mut self) {
-        if !self.sent {
-            self.put(None);
-        }
-    }
-}
-
-impl<T> Wait<T> {
-    fn wait(self) -> Option<T> {
-        let mut value = self.slot.value.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(answered) = value.take() {
-                return answered;
-            }
-            value = self
-                .slot
-                .ready
-                .wait(value)
-                .unwrap_or_else(|p| p.into_inner());
-        }
     }
 }
 
@@ -949,64 +655,14 @@ fn migrate(conn: &mut Connection) -> Result<()> {
 
 // ----- the writer thread ----------------------------------------------------------------
 
-/// What one job of a batch produced, for its caller.
-enum Outcome {
-    Stored(Result<Stored>),
-    Plan(Result<(Vec<Retired>, Option<i64>)>),
-    Nothing,
+/// The writer's own connection.
+pub struct SqliteWriter {
+    conn: Connection,
 }
 
-fn run_writer(mut conn: Connection, rx: Receiver<Job>, stats: Arc<WriterStats>) {
-    use std::sync::atomic::Ordering::Relaxed;
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let started = Instant::now();
-        let (outcomes, committed) = write_batch(&mut conn, &batch);
-        if committed {
-            stats.commits.fetch_add(1, Relaxed);
-            stats.jobs.fetch_add(batch.len() as u64, Relaxed);
-            stats.rows.fetch_add(
-                outcomes
-                    .iter()
-                    .filter(|o| matches!(o, Outcome::Stored(Ok(s)) if !s.duplicate))
-                    .count() as u64,
-                Relaxed,
-            );
-            stats
-                .commit_micros_total
-                .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
-        } else {
-            stats.failed_commits.fetch_add(1, Relaxed);
-        }
-        for (job, outcome) in batch.into_iter().zip(outcomes) {
-            match (job, outcome) {
-                (Job::Chat(_, reply), Outcome::Stored(r))
-                | (Job::Log(_, reply), Outcome::Stored(r)) => {
-                    reply.send(if committed {
-                        r
-                    } else {
-                        Err(StoreError::BatchFailed)
-                    });
-                }
-                (Job::PlanReplay(_, _, reply), Outcome::Plan(r)) => {
-                    reply.send(if committed {
-                        r
-                    } else {
-                        Err(StoreError::BatchFailed)
-                    });
-                }
-                (Job::Barrier(done), _) => done.send(()),
-                // An answer dropped unsent wakes its caller with "the store is gone"; a
-                // failed batch is said explicitly above.
-                _ => {}
-            }
-        }
+impl Batches for SqliteWriter {
+    fn write(&mut self, batch: &[Job]) -> (Vec<Outcome>, bool) {
+        write_batch(&mut self.conn, batch)
     }
 }
 

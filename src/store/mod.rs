@@ -1,0 +1,394 @@
+//! The store: the face the hub and REST use over a database backend. Every SQL statement
+//! of the server lives behind it (in `sqlite.rs`, and in `sql/` for the schema); neither the
+//! hub nor `http` names a backend.
+//!
+//! Two ways in:
+//! - `Backend` (reached through `Store`'s `Deref`): reads and the rare administrative writes,
+//!   each a complete statement or transaction of its own;
+//! - the group-commit writer (`writer.rs`): the hot-path writes (chat frames, dashboard logs,
+//!   delivery flags, last-seen times, replay plans) go to one writer thread, which commits
+//!   everything that queued up while the previous commit was running in one transaction.
+//!
+//! The contract every backend keeps:
+//! - **Ids before routing.** `submit_chat`/`submit_log` return a `Pending`; its `wait`
+//!   returns once the row is committed, with its `id` and `timestamp`. An `id` a client has
+//!   seen is in the database.
+//! - **Order.** Rows submitted from one thread are committed in submission order (one
+//!   writer, one queue), and a row's `id` is larger than the ids of every row committed
+//!   before it.
+//! - **Idempotency.** A chat or log row whose sender already stored that `local_id` stores
+//!   nothing and returns the first row (`Stored::duplicate`).
+//! - **All or nothing per batch.** When a commit fails, every caller of that batch is told
+//!   (`StoreError::BatchFailed`); nothing of it is stored, and each may retry with its
+//!   `local_id`.
+//! - **At least once.** Delivery flags and last-seen times are written asynchronously: a
+//!   crash before their commit means a frame is replayed again, never that one is lost.
+
+mod sqlite;
+mod writer;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::value::RawValue;
+
+use crate::config::Sync;
+use crate::identity::{AgentToken, Role};
+use crate::wire::Kind;
+
+use writer::{answer, Job};
+pub use writer::{Pending, WriterStats};
+
+#[derive(Debug)]
+pub enum StoreError {
+    /// A uniqueness rule was broken; the text is the client-facing reason.
+    Conflict(&'static str),
+    NotFound,
+    /// The database refused or failed a statement (the backend's own error inside).
+    Db(Box<dyn std::error::Error + Send + std::marker::Sync>),
+    /// The database file or its directory could not be prepared.
+    File(std::io::Error),
+    /// The group commit this write was part of failed (disk full, I/O): nothing of it is
+    /// stored, and the write may be retried.
+    BatchFailed,
+    /// The writer thread is gone (it would only end by panicking).
+    Closed,
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Conflict(why) => write!(f, "conflict: {why}"),
+            StoreError::NotFound => write!(f, "not found"),
+            StoreError::Db(e) => write!(f, "database error: {e}"),
+            StoreError::File(e) => write!(f, "{e}"),
+            StoreError::BatchFailed => write!(f, "the commit failed; nothing of it was stored"),
+            StoreError::Closed => write!(f, "store is shut down"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+#[derive(Clone, Debug)]
+pub struct UserRow {
+    pub id: i64,
+    pub username: String,
+    pub role: Role,
+    pub agent_kind: String,
+    pub runtime_kind: String,
+    pub description: String,
+    pub created_at: String,
+    pub deleted: bool,
+    pub last_seen_at: Option<String>,
+    pub token_hint: Option<String>,
+    pub token_updated_at: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct NewMachine<'a> {
+    pub username: &'a str,
+    pub role: Role,
+    pub token: &'a AgentToken,
+    pub agent_kind: &'a str,
+    pub runtime_kind: &'a str,
+    pub description: &'a str,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogRow {
+    pub id: i64,
+    pub agent_id: String,
+    pub level: String,
+    pub content: String,
+    pub timestamp: String,
+}
+
+#[derive(Debug, Default)]
+pub struct LogQuery {
+    pub offset: i64,
+    pub limit: i64,
+    pub agent_id: Option<String>,
+    /// Any of these levels (empty: all).
+    pub levels: Vec<String>,
+    pub q: Option<String>,
+    /// Rows older than this id only (paging back from a page's last row).
+    pub before_id: Option<i64>,
+    /// Timestamps (our RFC 3339 text, which sorts) at or after / before.
+    pub since: Option<String>,
+    pub until: Option<String>,
+    /// The page stops once its rows' content takes this many bytes of JSON (at least one row).
+    pub max_bytes: usize,
+}
+
+#[derive(Debug)]
+pub struct ChatRow {
+    pub id: i64,
+    pub local_id: Option<String>,
+    pub sender_id: i64,
+    pub receiver_id: i64,
+    pub kind: String,
+    pub payload: Box<RawValue>,
+    pub stream_id: Option<String>,
+    pub conversation_id: Option<i64>,
+    pub timestamp: String,
+    pub delivery: Delivery,
+}
+
+/// Where a stored chat frame stands with store and forward (`chat_messages.delivered`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Addressed to a machine that has not received it yet.
+    Pending,
+    /// Written to one of the receiver's connections (or addressed to a human, who reads
+    /// history instead).
+    Delivered,
+    /// Left out of a replay: never sent (see `Store::plan_replay`).
+    Retired,
+}
+
+impl Delivery {
+    fn from_column(v: i64) -> Delivery {
+        match v {
+            0 => Delivery::Pending,
+            2 => Delivery::Retired,
+            _ => Delivery::Delivered,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Pending => "pending",
+            Delivery::Delivered => "delivered",
+            Delivery::Retired => "retired",
+        }
+    }
+}
+
+/// The replay window's shares (see `hub::replay`).
+#[derive(Debug, Clone)]
+pub struct ReplayShares {
+    /// Frames older than this (stored timestamp) are not replayed.
+    pub since: String,
+    /// Newest frames kept per human or Butler sender.
+    pub priority: i64,
+    /// Newest frames kept per agent sender, and from all agents together.
+    pub agent: i64,
+    pub agent_window: i64,
+}
+
+/// A frame retired from store and forward, for telling its sender.
+#[derive(Debug, Clone)]
+pub struct Retired {
+    pub id: i64,
+    pub sender_id: i64,
+    pub local_id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewChat {
+    pub sender_id: i64,
+    pub receiver_id: i64,
+    pub kind: Kind,
+    /// The payload as JSON text, stored exactly as sent.
+    pub payload: String,
+    pub local_id: Option<String>,
+    pub stream_id: Option<String>,
+    pub conversation_id: Option<i64>,
+    /// Whether store-and-forward must deliver it (the receiver is an agent or the Butler).
+    pub forward: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewLog {
+    pub sender_id: Option<i64>,
+    pub agent_id: String,
+    pub level: String,
+    pub content: String,
+    pub local_id: Option<String>,
+}
+
+/// What a hot-path insert returns: the row's identity, and whether it was already there
+/// (a repeated `local_id`), in which case nothing new was stored.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub id: i64,
+    pub timestamp: String,
+    pub duplicate: bool,
+}
+
+/// Reads and administrative writes. Each method is one statement or one transaction.
+pub trait Backend: Send + std::marker::Sync {
+    /// Where the data lives, for log lines (a file path, or a database URL without password).
+    fn describe(&self) -> String;
+
+    // ----- settings and bootstrap -------------------------------------------------------
+    fn setting(&self, key: &str) -> Result<Option<String>>;
+    fn set_setting(&self, key: &str, value: &str) -> Result<()>;
+    fn user_count(&self) -> Result<i64>;
+    /// Creates the admin (id 1) and the Butler (id 2) on an empty database, in one
+    /// transaction. Returns false (and changes nothing) when users already exist.
+    fn bootstrap(
+        &self,
+        admin: &str,
+        password_hash: &str,
+        butler_token: &AgentToken,
+        keep_raw: bool,
+    ) -> Result<bool>;
+    /// Production keeps no raw tokens: clears every stored copy.
+    fn clear_raw_tokens(&self) -> Result<usize>;
+    /// Wipes all data (for `/api/dev/mock/reset`); ids start again at 1. The caller flushes
+    /// the writer first, so no pending write lands after the wipe.
+    fn wipe(&self) -> Result<()>;
+
+    // ----- users ------------------------------------------------------------------------
+    fn create_human(&self, username: &str, role: Role, password_hash: &str) -> Result<UserRow>;
+    fn create_machine(&self, m: &NewMachine, keep_raw: bool) -> Result<UserRow>;
+    fn user_by_id(&self, id: i64) -> Result<Option<UserRow>>;
+    fn user_by_name(&self, username: &str) -> Result<Option<UserRow>>;
+    /// The password hash of a live human, for login.
+    fn password_hash(&self, username: &str) -> Result<Option<(i64, String)>>;
+    /// The live AGENT or BUTLER whose token hashes to `sha256`.
+    fn machine_by_token_hash(&self, sha256: &str) -> Result<Option<UserRow>>;
+    /// The current token hash of a machine user (None when it has no credential any more).
+    fn token_hash_of(&self, user_id: i64) -> Result<Option<String>>;
+    /// The raw token kept outside production (None when there is no copy).
+    fn raw_token(&self, user_id: i64) -> Result<Option<String>>;
+    /// Live AGENT and BUTLER users, ordered by id.
+    fn machines(&self) -> Result<Vec<UserRow>>;
+    /// The Butler (the live BUTLER user with the lowest id), if there is one.
+    fn butler(&self) -> Result<Option<UserRow>>;
+    /// The latest SYSTEM_LOG content of each named agent (absent when it never reported).
+    fn last_reports(&self, usernames: &[&str]) -> Result<HashMap<String, String>>;
+    fn rotate_token(&self, user_id: i64, token: &AgentToken, keep_raw: bool) -> Result<()>;
+    /// Marks an agent deleted and drops its credential; its history stays.
+    fn delete_agent(&self, user_id: i64) -> Result<()>;
+
+    // ----- logs and chat ----------------------------------------------------------------
+    fn logs(&self, q: &LogQuery) -> Result<Vec<LogRow>>;
+    /// Both directions between `a` and `b`: the newest `limit` rows below `before_id`,
+    /// returned oldest first.
+    fn chat_history(
+        &self,
+        a: i64,
+        b: i64,
+        limit: i64,
+        before_id: Option<i64>,
+    ) -> Result<Vec<ChatRow>>;
+    /// One page of a replay: undelivered frames for `user_id` with ids in `from..=to`, in id
+    /// order, at most `page` of them. Paged so a long backlog never sits in memory at once.
+    fn undelivered_page(&self, user_id: i64, from: i64, to: i64, page: i64)
+        -> Result<Vec<ChatRow>>;
+}
+
+/// The database: a backend, and the group-commit writer in front of it.
+#[derive(Clone)]
+pub struct Store {
+    backend: Arc<dyn Backend>,
+    jobs: crossbeam_channel::Sender<Job>,
+    stats: Arc<WriterStats>,
+}
+
+impl std::ops::Deref for Store {
+    type Target = dyn Backend;
+    fn deref(&self) -> &(dyn Backend + 'static) {
+        &*self.backend
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) and migrates the database at `path`, then starts the
+    /// writer.
+    pub fn open(path: &Path, sync: Sync) -> Result<Store> {
+        let (backend, writer) = sqlite::open(path, sync)?;
+        let (jobs, rx) = crossbeam_channel::unbounded();
+        let stats = Arc::new(WriterStats::default());
+        let writer_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer::run(writer, rx, &writer_stats))
+            .map_err(StoreError::File)?;
+        Ok(Store {
+            backend: Arc::new(backend),
+            jobs,
+            stats,
+        })
+    }
+
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
+
+    // ----- the hot path: group-committed writes ----------------------------------------
+
+    pub fn insert_chat(&self, chat: NewChat) -> Result<Stored> {
+        self.submit_chat(chat).wait()
+    }
+
+    pub fn insert_log(&self, log: NewLog) -> Result<Stored> {
+        self.submit_log(log).wait()
+    }
+
+    /// Queues a chat row for the next commit without waiting for it.
+    pub fn submit_chat(&self, chat: NewChat) -> Pending {
+        self.submit(|answer| Job::Chat(chat, answer))
+    }
+
+    /// Queues a log row for the next commit without waiting for it.
+    pub fn submit_log(&self, log: NewLog) -> Pending {
+        self.submit(|answer| Job::Log(log, answer))
+    }
+
+    fn submit(&self, job: impl FnOnce(writer::Answer<Result<Stored>>) -> Job) -> Pending {
+        let (answer, wait) = answer();
+        Pending::new(self.jobs.send(job(answer)).ok().map(|_| wait))
+    }
+
+    /// Records (asynchronously) that these stored frames were written to a connection of
+    /// their receiver. A crash before the commit means they are sent again: at least once.
+    pub fn mark_delivered(&self, ids: Vec<i64>) {
+        if !ids.is_empty() {
+            let _ = self.jobs.send(Job::Delivered(ids));
+        }
+    }
+
+    /// Records (asynchronously) when a machine user was last seen.
+    pub fn set_last_seen(&self, user_id: i64, at: String) {
+        let _ = self.jobs.send(Job::LastSeen(user_id, at));
+    }
+
+    /// Plans store and forward for `user_id`: retires every undelivered frame addressed to
+    /// it that falls outside the window (older than `since`; beyond its sender's share; from
+    /// agents, beyond the agents' window) and returns those, with the id of the newest frame
+    /// left to replay. One write in the writer's next commit.
+    pub fn plan_replay(
+        &self,
+        user_id: i64,
+        shares: ReplayShares,
+    ) -> Result<(Vec<Retired>, Option<i64>)> {
+        let (answer, wait) = answer();
+        self.jobs
+            .send(Job::PlanReplay(user_id, shares, answer))
+            .map_err(|_| StoreError::Closed)?;
+        wait.wait().unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Waits until every write queued before this call is committed.
+    pub fn flush(&self) {
+        let (answer, wait) = answer();
+        if self.jobs.send(Job::Barrier(answer)).is_ok() {
+            let _ = wait.wait();
+        }
+    }
+
+    /// Wipes all data; pending writes are committed first so none lands after the wipe.
+    /// (This inherent method is what `store.wipe()` calls; the backend's alone would not
+    /// flush.)
+    pub fn wipe(&self) -> Result<()> {
+        self.flush();
+        self.backend.wipe()
+    }
+}
