@@ -49,14 +49,24 @@ impl App {
                     .store
                     .user_by_id(claims.user_id)
                     .map_err(|_| AuthFailure::Unavailable)?;
+                // Deleted, disabled, or a session of an older generation (the password
+                // changed since): the JWT no longer counts.
                 return match user {
-                    Some(u) if !u.deleted && u.role.is_human() => Ok(Principal {
-                        id: u.id,
-                        username: u.username,
-                        role: u.role,
-                        token_hash: None,
-                        expires_at: Some(claims.exp),
-                    }),
+                    Some(u)
+                        if !u.deleted
+                            && !u.disabled
+                            && u.role.is_human()
+                            && u.session_gen == claims.gen =>
+                    {
+                        Ok(Principal {
+                            id: u.id,
+                            username: u.username,
+                            role: u.role,
+                            token_hash: None,
+                            expires_at: Some(claims.exp),
+                            session_gen: u.session_gen,
+                        })
+                    }
                     _ => Err(AuthFailure::Invalid),
                 };
             }
@@ -73,6 +83,7 @@ impl App {
                 role: u.role,
                 token_hash: Some(hash),
                 expires_at: None,
+                session_gen: 0,
             }),
             None => Err(AuthFailure::Invalid),
         }

@@ -27,6 +27,29 @@ pub fn valid_username(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// The shortest password accepted: 12 characters in production, 8 in development (where the
+/// bootstrap password `admin123` must still work).
+pub fn min_password_length(production: bool) -> usize {
+    if production {
+        12
+    } else {
+        8
+    }
+}
+
+/// Why a new password is refused, if it is (length in characters; at most 1024 bytes, so a
+/// hash is never asked to chew on a megabyte).
+pub fn password_problem(password: &str, production: bool) -> Option<String> {
+    let min = min_password_length(production);
+    if password.chars().count() < min {
+        Some(format!("password must be at least {min} characters"))
+    } else if password.len() > 1024 {
+        Some("password must be at most 1024 bytes".to_string())
+    } else {
+        None
+    }
+}
+
 /// A caller-supplied token: 16–256 characters that need no escaping in a URL or header.
 pub fn valid_supplied_token(token: &str) -> bool {
     (16..=256).contains(&token.len())
@@ -134,6 +157,10 @@ pub struct Claims {
     pub exp: i64,
     pub iat: i64,
     pub iss: String,
+    /// The account's session generation when the JWT was issued (absent in JWTs of older
+    /// builds: 0). A password change, disabling or a role change moves it on.
+    #[serde(default)]
+    pub gen: i64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -175,7 +202,7 @@ impl JwtKeys {
         Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes any key length")
     }
 
-    pub fn issue(&self, user_id: i64, role: Role, now_secs: i64) -> String {
+    pub fn issue(&self, user_id: i64, role: Role, gen: i64, now_secs: i64) -> String {
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
         let claims = Claims {
             user_id,
@@ -183,6 +210,7 @@ impl JwtKeys {
             iat: now_secs,
             exp: now_secs + self.ttl_secs,
             iss: ISSUER.to_string(),
+            gen,
         };
         let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("claims serialize"));
         let signing_input = format!("{header}.{body}");
@@ -402,7 +430,7 @@ mod tests {
     #[test]
     fn jwt_round_trip_and_rejections() {
         let k = keys();
-        let t = k.issue(42, Role::Admin, 1_000);
+        let t = k.issue(42, Role::Admin, 0, 1_000);
         let c = k.verify(&t, 1_001).unwrap();
         assert_eq!(
             (c.user_id, c.role.as_str(), c.iss.as_str()),
@@ -414,7 +442,8 @@ mod tests {
         // A new generation (a data reset) invalidates every JWT issued before it.
         k.set_generation(1);
         assert_eq!(k.verify(&t, 1_001), Err(JwtError::Signature));
-        let t1 = k.issue(42, Role::Admin, 1_000);
+        let t1 = k.issue(42, Role::Admin, 3, 1_000);
+        assert_eq!(k.verify(&t1, 1_001).unwrap().gen, 3);
         assert!(k.verify(&t1, 1_001).is_ok());
         let mut parts: Vec<&str> = t.split('.').collect();
         let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);

@@ -54,6 +54,12 @@ pub struct Config {
     /// Test only: `POST /api/test/panic` makes the HTTP worker that handles it panic, so a
     /// test can show that REST survives its workers dying.
     pub fault_injection: bool,
+    /// How long dashboard logs and chat history are kept (None: for ever).
+    pub retain_logs: Option<Duration>,
+    pub retain_chat: Option<Duration>,
+    /// The newest log lines, and bytes of log content, kept per agent (None: no limit).
+    pub max_log_rows_per_agent: Option<u64>,
+    pub max_log_bytes_per_agent: Option<u64>,
 }
 
 /// An address block such as `127.0.0.1/32` or `fd00::/8`.
@@ -318,6 +324,22 @@ impl<'a> Loader<'a> {
                 ),
             });
         }
+        let retain_logs = self.retention("--retain-logs", "ECHOCENTER_RETAIN_LOGS", 30)?;
+        let retain_chat = self.retention("--retain-chat", "ECHOCENTER_RETAIN_CHAT", 365)?;
+        let max_log_rows_per_agent = self.number(
+            "--max-log-rows-per-agent",
+            "ECHOCENTER_MAX_LOG_ROWS_PER_AGENT",
+            100_000,
+            0,
+            usize::MAX,
+        )?;
+        let max_log_bytes_per_agent = self.number(
+            "--max-log-bytes-per-agent",
+            "ECHOCENTER_MAX_LOG_BYTES_PER_AGENT",
+            64 << 20,
+            0,
+            usize::MAX,
+        )?;
         let conformance_echo = self.args.contains("--conformance-echo");
         let fault_injection = self.args.contains("--fault-injection");
         Ok(Config {
@@ -342,6 +364,12 @@ impl<'a> Loader<'a> {
             ws_idle_timeout,
             conformance_echo,
             fault_injection,
+            retain_logs,
+            retain_chat,
+            max_log_rows_per_agent: (max_log_rows_per_agent > 0)
+                .then_some(max_log_rows_per_agent as u64),
+            max_log_bytes_per_agent: (max_log_bytes_per_agent > 0)
+                .then_some(max_log_bytes_per_agent as u64),
         })
     }
 
@@ -360,6 +388,25 @@ impl<'a> Loader<'a> {
                 )),
             },
             None => Ok(default),
+        }
+    }
+
+    /// A retention period: days (`30d`), a Go duration (`12h`), or `0` for ever.
+    fn retention(
+        &mut self,
+        flag: &'static str,
+        var: &str,
+        default_days: u64,
+    ) -> Result<Option<Duration>, ConfigError> {
+        match self.pick(flag, &[var])? {
+            None => Ok(Some(Duration::from_secs(default_days * 86_400))),
+            Some(raw) => match parse_retention(&raw.value) {
+                Some(d) => Ok((!d.is_zero()).then_some(d)),
+                None => Err(bad(
+                    raw,
+                    "expected days such as 30d, a duration such as 12h, or 0 to keep for ever",
+                )),
+            },
         }
     }
 
@@ -488,6 +535,19 @@ fn parse_origins(raw: &Raw) -> Result<Vec<String>, ConfigError> {
         out.push(part.to_string());
     }
     Ok(out)
+}
+
+/// `30d` (whole days), `0`, or a Go duration of at least a minute.
+pub fn parse_retention(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if let Some(days) = s.strip_suffix('d') {
+        return days
+            .parse::<u64>()
+            .ok()
+            .filter(|d| *d <= 100_000)
+            .map(|d| Duration::from_secs(d * 86_400));
+    }
+    parse_duration(s).filter(|d| d.is_zero() || *d >= Duration::from_secs(60))
 }
 
 /// Go-style durations: a sequence of decimal numbers with units ns, us, µs, ms, s, m, h.
@@ -625,6 +685,38 @@ mod tests {
         assert_eq!(e.source, "ECHOCENTER_TRUSTED_PROXIES");
         let c = load(&["--max-connections", "100"], &[]).unwrap();
         assert_eq!(c.max_connections_per_ip, 100);
+    }
+
+    #[test]
+    fn retention_takes_days_durations_or_zero() {
+        let c = load(&[], &[]).unwrap();
+        assert_eq!(c.retain_logs, Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(c.retain_chat, Some(Duration::from_secs(365 * 86_400)));
+        assert_eq!(c.max_log_rows_per_agent, Some(100_000));
+        assert_eq!(c.max_log_bytes_per_agent, Some(64 << 20));
+        let c = load(
+            &[
+                "--retain-logs",
+                "7d",
+                "--retain-chat",
+                "0",
+                "--max-log-rows-per-agent",
+                "0",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.retain_logs, Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(c.retain_chat, None);
+        assert_eq!(c.max_log_rows_per_agent, None);
+        assert_eq!(
+            load(&["--retain-logs", "90m"], &[]).unwrap().retain_logs,
+            Some(Duration::from_secs(5400))
+        );
+        for bad in ["-1d", "xd", "10s", "week"] {
+            let e = load(&["--retain-logs", bad], &[]).unwrap_err();
+            assert_eq!(e.source, "--retain-logs", "{bad}");
+        }
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct Principal {
     pub token_hash: Option<String>,
     /// For humans: when the session's JWT expires (seconds since the epoch).
     pub expires_at: Option<i64>,
+    /// For humans: the account's session generation the JWT was issued under.
+    pub session_gen: i64,
 }
 
 /// A raw agent token: a secret. Its `Debug` prints only its hint, so no log line or panic

@@ -22,9 +22,6 @@ fn main() {
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     if let Err(e) = cli::run(args) {
         eprintln!("echocenter: {e}");
-        std::process::exit(match e {
-            cli::CliError::Usage(_) => 2,
-            _ => 1,
-        });
+        std::process::exit(e.exit_code());
     }
 }

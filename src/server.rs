@@ -30,6 +30,14 @@ pub fn serve(config: Config) -> Result<(), String> {
             .ok()
     };
     let store = bootstrap::open_store(&config)?;
+    // The port first: a start that cannot listen must not bootstrap (and print a production
+    // admin password that then nobody can use).
+    let listener = TcpListener::bind(&config.addr)
+        .map_err(|e| format!("cannot listen on {}: {e}", config.addr))?;
+    bootstrap::first_run(&store, &config)?;
+    // Nothing is connected yet, whatever a crashed run left in the database.
+    store.clear_presence().map_err(|e| e.to_string())?;
+    store.start_retention(bootstrap::retention(&config));
     // Tells the command-line tools which mode owns this database (they keep no raw token
     // copies in a production database).
     store
@@ -47,8 +55,6 @@ pub fn serve(config: Config) -> Result<(), String> {
         config.jwt_ttl,
         bootstrap::jwt_generation(&store)?,
     );
-    let listener = TcpListener::bind(&config.addr)
-        .map_err(|e| format!("cannot listen on {}: {e}", config.addr))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let hub = Hub::new(store.clone(), Arc::new(Metrics::default()));
     let socket_dir = private_dir()?;
@@ -81,6 +87,7 @@ pub fn serve(config: Config) -> Result<(), String> {
         },
         app.store.describe()
     );
+    log_info!("dashboard: {}", dashboard_url(local));
     // Tests and scripts wait for this exact line on stdout.
     println!("listening on {local}");
     let _ = io::stdout().flush();
@@ -89,6 +96,19 @@ pub fn serve(config: Config) -> Result<(), String> {
     shutdown(&app, &bridge, local);
     let _ = std::fs::remove_dir_all(&socket_dir);
     Ok(())
+}
+
+/// Where a person on this machine opens the dashboard.
+fn dashboard_url(local: SocketAddr) -> String {
+    if local.ip().is_unspecified() {
+        format!(
+            "http://localhost:{}/ (listening on every address: also http://<this host>:{}/)",
+            local.port(),
+            local.port()
+        )
+    } else {
+        format!("http://{local}/")
+    }
 }
 
 fn wait_for_signal(signals: Option<signal_hook::iterator::Signals>) {

@@ -146,6 +146,9 @@ pub enum Close {
     TokenExpired,
     AgentRemoved,
     UserRemoved,
+    UserDisabled,
+    /// The account's password or role changed: sessions from before must log in again.
+    SessionRevoked,
     DataReset,
     TooManyErrors,
     RateLimited,
@@ -169,6 +172,8 @@ impl Close {
             | Close::TokenExpired
             | Close::AgentRemoved
             | Close::UserRemoved
+            | Close::UserDisabled
+            | Close::SessionRevoked
             | Close::DataReset
             | Close::TooManyErrors
             | Close::RateLimited => 1008,
@@ -188,6 +193,8 @@ impl Close {
             Close::TokenExpired => "token expired",
             Close::AgentRemoved => "agent removed",
             Close::UserRemoved => "user removed",
+            Close::UserDisabled => "user disabled",
+            Close::SessionRevoked => "session revoked",
             Close::DataReset => "data reset",
             Close::TooManyErrors => "too many errors",
             Close::RateLimited => "rate limited",
@@ -389,6 +396,9 @@ pub struct UserView {
     pub runtime_kind: String,
     pub description: String,
     pub created_at: String,
+    /// Humans only: whether the account is disabled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub machine: Option<MachineView>,
     /// Present only in the response that creates or rotates the token.
@@ -461,6 +471,22 @@ pub struct CreateUserRequest {
     pub username: String,
     pub password: String,
     pub role: String,
+}
+
+#[derive(Deserialize)]
+pub struct UpdateUserRequest {
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub disabled: Option<bool>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct ChangePasswordRequest {
+    pub current_password: String,
+    pub new_password: String,
 }
 
 #[derive(Deserialize)]

@@ -717,7 +717,7 @@ fn delete_errors() {
     }
     assert_eq!(me_status(&s, &butler).0, 200, "the Butler survives");
     assert_eq!(s.get("/api/users/butler", &admin).status, 200);
-    assert_eq!(s.login("alice", "pw-123456").status, 200);
+    assert_eq!(s.login("alice", "pw-123456-long").status, 200);
 }
 
 #[test]

@@ -401,7 +401,9 @@ fn a_member_gets_403_admin_access_required_on_admin_routes() {
         (
             "POST",
             "/api/users".into(),
-            Some(json!({"username": "x", "password": "pw-123456", "role": "ADMIN"}).to_string()),
+            Some(
+                json!({"username": "x", "password": "pw-123456-long", "role": "ADMIN"}).to_string(),
+            ),
         ),
         (
             "POST",
@@ -613,7 +615,7 @@ fn an_admin_creates_humans_who_can_log_in() {
         let r = s.post(
             "/api/users",
             &admin,
-            json!({"username": name, "password": "pw-123456", "role": "MEMBER"}),
+            json!({"username": name, "password": "pw-123456-long", "role": "MEMBER"}),
         );
         assert_eq!(r.status, 409, "{name}: {}", r.body);
         assert_eq!(r.error(), "username already exists", "{name}");
@@ -621,16 +623,16 @@ fn an_admin_creates_humans_who_can_log_in() {
     let r = s.post(
         "/api/users",
         &admin,
-        json!({"username": "bad name", "password": "pw-123456", "role": "MEMBER"}),
+        json!({"username": "bad name", "password": "pw-123456-long", "role": "MEMBER"}),
     );
     assert_eq!((r.status, r.error()), (400, "invalid username".into()));
     for role in ["AGENT", "BUTLER", "OWNER"] {
         let r = s.post(
             "/api/users",
             &admin,
-            json!({"username": "eve", "password": "pw-123456", "role": role}),
+            json!({"username": "eve", "password": "pw-123456-long", "role": role}),
         );
         assert_eq!(r.status, 400, "{role}: {}", r.body);
     }
-    assert_eq!(s.login("eve", "pw-123456").status, 401);
+    assert_eq!(s.login("eve", "pw-123456-long").status, 401);
 }

@@ -165,7 +165,7 @@ fn every_rest_route_admits_exactly_the_roles_of_the_spec() {
         }),
         route("POST", "/api/users", Who::Admin, 201, |c| {
             Some(
-                json!({"username": format!("made-by-{}", tag(c)), "password": "pw-123456", "role": "MEMBER"})
+                json!({"username": format!("made-by-{}", tag(c)), "password": "pw-123456-long", "role": "MEMBER"})
                     .to_string(),
             )
         }),
@@ -290,7 +290,7 @@ fn refused_callers_change_nothing() {
             "/api/users",
             token,
             Some(
-                &json!({"username": "intruder", "password": "pw-123456", "role": "ADMIN"})
+                &json!({"username": "intruder", "password": "pw-123456-long", "role": "ADMIN"})
                     .to_string(),
             ),
         );
@@ -309,8 +309,12 @@ fn refused_callers_change_nothing() {
         .map(|u| u["username"].as_str().unwrap().to_string())
         .collect();
     assert!(names.contains(&"victim".to_string()), "{names:?}");
-    assert_eq!(s.login("intruder", "pw-123456").status, 401);
-    assert_eq!(s.login("m", "pw-123456").status, 200, "member survives");
+    assert_eq!(s.login("intruder", "pw-123456-long").status, 401);
+    assert_eq!(
+        s.login("m", "pw-123456-long").status,
+        200,
+        "member survives"
+    );
 }
 
 #[test]

@@ -116,11 +116,12 @@ fn db_arg(db: &Path) -> String {
     db.to_str().unwrap().to_string()
 }
 
-/// `echocenter <args> --db <db>`; asserts success.
+/// `echocenter <args> --db <db> --create`; asserts success. (Tests make their database on
+/// first use; `a_missing_database_is_refused_without_create` pins the rule.)
 fn ok(args: &[&str], db: &Path, stdin: &str) -> Output {
     let db = db_arg(db);
     let mut all = args.to_vec();
-    all.extend(["--db", db.as_str()]);
+    all.extend(["--db", db.as_str(), "--create"]);
     let o = run(&all, &[], stdin);
     assert!(
         o.status.success(),
@@ -134,9 +135,14 @@ fn ok(args: &[&str], db: &Path, stdin: &str) -> Output {
 /// `echocenter <args> --db <db>`; asserts a non-zero exit with an explanation on stderr and
 /// nothing on stdout. Returns stderr.
 fn fails(args: &[&str], db: &Path, stdin: &str) -> String {
+    fails_with(args, db, stdin).1
+}
+
+/// As `fails`; returns the exit status too.
+fn fails_with(args: &[&str], db: &Path, stdin: &str) -> (i32, String) {
     let db = db_arg(db);
     let mut all = args.to_vec();
-    all.extend(["--db", db.as_str()]);
+    all.extend(["--db", db.as_str(), "--create"]);
     let o = run(&all, &[], stdin);
     assert!(!o.status.success(), "{all:?} should fail: {}", stdout(&o));
     assert!(!stderr(&o).trim().is_empty(), "{all:?}: empty stderr");
@@ -145,7 +151,7 @@ fn fails(args: &[&str], db: &Path, stdin: &str) -> String {
         "{all:?}: stdout {:?}",
         stdout(&o)
     );
-    stderr(&o)
+    (o.status.code().unwrap_or(-1), stderr(&o))
 }
 
 fn is_generated_token(t: &str) -> bool {
@@ -344,7 +350,11 @@ fn cli_errors_go_to_stderr_with_a_non_zero_exit() {
     assert!(err.contains("--role"), "{err}");
     fails(&["user", "add", "carol", "--role", "AGENT"], &db, "pw\n");
     fails(&["user", "add", "carol", "--role", "MEMBER"], &db, "");
-    let err = fails(&["user", "add", "bot", "--role", "MEMBER"], &db, "pw\n");
+    let err = fails(
+        &["user", "add", "bot", "--role", "MEMBER"],
+        &db,
+        "long-enough-pw\n",
+    );
     assert!(err.contains("username already exists"), "{err}");
 
     // None of the failures changed anything.
@@ -551,5 +561,177 @@ fn bootstrap_passwords_development_warns_production_prints_a_random_one() {
         r.status, 200,
         "printed password {password:?} does not log in: {}",
         r.body
+    );
+}
+
+// ----- issue 12: a first run that works, and the command line as scripts use it ---------
+
+#[test]
+fn a_missing_database_is_refused_without_create() {
+    let dir = TempDir::new();
+    let typo = dir.path().join("no-such-dir").join("x.db");
+    let typo_arg = db_arg(&typo);
+    for args in [
+        vec!["agent", "list"],
+        vec!["agent", "add", "bot"],
+        vec!["user", "list"],
+        vec!["prune"],
+    ] {
+        let mut all = args.clone();
+        all.extend(["--db", typo_arg.as_str()]);
+        let o = run(&all, &[], "");
+        assert_eq!(o.status.code(), Some(3), "{all:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("--create"), "{}", stderr(&o));
+        assert!(stdout(&o).is_empty());
+    }
+    assert!(!typo.parent().unwrap().exists(), "nothing was created");
+    // With --create it is made (and bootstrapped).
+    ok(&["agent", "list"], &typo, "");
+    assert!(typo.exists());
+}
+
+#[test]
+fn help_is_there_for_every_command() {
+    let o = run(&["help"], &[], "");
+    assert!(o.status.success());
+    assert!(stdout(&o).contains("echocenter agent add NAME"));
+    for (args, needle) in [
+        (vec!["help", "agent"], "agent rotate NAME"),
+        (vec!["agent", "--help"], "agent rotate NAME"),
+        (vec!["help", "user"], "user passwd NAME"),
+        (vec!["user", "disable", "--help"], "user passwd NAME"),
+        (vec!["serve", "--help"], "--retain-logs"),
+        (vec!["--help"], "echocenter help [COMMAND]"),
+        (vec!["help", "backup"], "online backup"),
+        (vec!["help", "prune"], "--retain-chat"),
+    ] {
+        let o = run(&args, &[], "");
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        assert!(stdout(&o).contains(needle), "{args:?}: {}", stdout(&o));
+    }
+    // The serve help shows defaults.
+    let serve = stdout(&run(&["serve", "--help"], &[], ""));
+    assert!(
+        serve.contains("0.0.0.0:8080") && serve.contains("30d"),
+        "{serve}"
+    );
+    // A command group alone explains itself (usage, exit 2).
+    let o = run(&["agent"], &[], "");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("agent add NAME"), "{}", stderr(&o));
+}
+
+#[test]
+fn exit_codes_match_the_curl_twins() {
+    let (_dir, db) = new_db();
+    token_line(&ok(&["agent", "add", "bot"], &db, ""));
+    assert_eq!(fails_with(&["agent", "add", "bot"], &db, "").0, 5);
+    assert_eq!(fails_with(&["agent", "rotate", "ghost"], &db, "").0, 6);
+    assert_eq!(fails_with(&["user", "remove", "ghost"], &db, "").0, 6);
+    assert_eq!(fails_with(&["agent", "frobnicate"], &db, "").0, 2);
+    assert_eq!(
+        fails_with(&["user", "add", "eve"], &db, "pw-long-enough\n").0,
+        2
+    );
+    assert_eq!(fails_with(&["agent", "add", "bad name"], &db, "").0, 1);
+    // The last admin cannot go.
+    let (code, err) = fails_with(&["user", "disable", "admin"], &db, "");
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("last admin"), "{err}");
+}
+
+#[test]
+fn lists_come_as_json_too_with_status() {
+    let (_dir, db) = new_db();
+    let token = token_line(&ok(
+        &["agent", "add", "bot", "--description", "d1"],
+        &db,
+        "",
+    ));
+    let rows: serde_json::Value =
+        serde_json::from_str(&stdout(&ok(&["agent", "list", "--json"], &db, ""))).unwrap();
+    let names: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["username"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["Butler", "bot"]);
+    assert_eq!(rows[1]["status"], "OFFLINE");
+    assert_eq!(rows[1]["last_seen_at"], serde_json::Value::Null);
+    assert!(!rows.to_string().contains(&token));
+    // Online while the server holds its connection; the database says so.
+    let s = Server::start_on(TempDir::new(), db.clone(), &[], &[]);
+    let ws = s.ws(&token);
+    let online = || {
+        let rows: serde_json::Value =
+            serde_json::from_str(&stdout(&ok(&["agent", "list", "--json"], &db, ""))).unwrap();
+        rows[1].clone()
+    };
+    s.wait_for(
+        "the database to show bot online",
+        Duration::from_secs(10),
+        || online()["status"] == "ONLINE",
+    );
+    assert!(
+        online()["last_seen_at"].is_string(),
+        "last seen is the connect time"
+    );
+    let table = stdout(&ok(&["agent", "list"], &db, ""));
+    assert!(table.lines().next().unwrap().contains("STATUS"), "{table}");
+    assert!(table.contains("ONLINE"), "{table}");
+    ws.close();
+    s.wait_for("offline in the database", Duration::from_secs(10), || {
+        online()["status"] == "OFFLINE"
+    });
+    let users: serde_json::Value =
+        serde_json::from_str(&stdout(&ok(&["user", "list", "--json"], &db, ""))).unwrap();
+    assert_eq!(users[0]["username"], "admin");
+    assert_eq!(users[0]["role"], "ADMIN");
+    assert_eq!(users[0]["disabled"], false);
+}
+
+#[test]
+fn users_are_managed_from_the_command_line_and_the_server_follows() {
+    let (_dir, db) = new_db();
+    ok(
+        &["user", "add", "carol", "--role", "MEMBER"],
+        &db,
+        "carol-pass-1\n",
+    );
+    // Too short for development's 8-character rule.
+    let err = fails(&["user", "add", "dan", "--role", "MEMBER"], &db, "short\n");
+    assert!(err.contains("at least 8"), "{err}");
+    let s = Server::start_on(
+        TempDir::new(),
+        db.clone(),
+        &["--ws-ping-interval", "200ms", "--ws-idle-timeout", "2s"],
+        &[],
+    );
+    let carol = s.token_for("carol", "carol-pass-1");
+    let mut ws = s.ws(&carol);
+    // A new password from the command line: the old JWT stops working, the session closes
+    // within one liveness tick.
+    ok(&["user", "passwd", "carol"], &db, "carol-pass-2\n");
+    assert_eq!(s.get("/api/users/me", &carol).status, 401);
+    assert_eq!(ws.recv_close(), Some(1008));
+    let carol = s.token_for("carol", "carol-pass-2");
+    ok(&["user", "disable", "carol"], &db, "");
+    assert_eq!(s.get("/api/users/me", &carol).status, 401);
+    assert_eq!(s.login("carol", "carol-pass-2").status, 403);
+    ok(&["user", "enable", "carol"], &db, "");
+    let carol = s.token_for("carol", "carol-pass-2");
+    ok(&["user", "remove", "carol"], &db, "");
+    assert_eq!(s.get("/api/users/me", &carol).status, 401);
+    assert_eq!(s.login("carol", "carol-pass-2").status, 401);
+    // The name stays reserved.
+    assert_eq!(
+        fails_with(
+            &["user", "add", "carol", "--role", "MEMBER"],
+            &db,
+            "carol-pass-3\n"
+        )
+        .0,
+        5
     );
 }

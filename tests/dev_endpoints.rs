@@ -129,7 +129,7 @@ fn reset_recreates_only_admin_and_butler() {
     assert_eq!(agents.header("X-Total-Count"), Some("1"));
 
     assert_eq!(
-        s.login("alice", "pw-123456").status,
+        s.login("alice", "pw-123456-long").status,
         401,
         "members are gone"
     );
@@ -198,7 +198,7 @@ fn mock_chat_stores_without_delivering() {
 #[test]
 fn dev_endpoints_are_403_in_production() {
     let s = Server::start_with(
-        &["--env", "production", "--admin-password", "x-secret-1"],
+        &["--env", "production", "--admin-password", "x-secret-long-1"],
         &[],
     );
     assert_eq!(
@@ -206,7 +206,7 @@ fn dev_endpoints_are_403_in_production() {
         401,
         "no dev password in production"
     );
-    let r = s.login("admin", "x-secret-1");
+    let r = s.login("admin", "x-secret-long-1");
     assert_eq!(r.status, 200, "{}", r.body);
     let admin = r.json()["token"].as_str().unwrap().to_string();
     let (_, member) = s.create_human(&admin, "alice", "MEMBER");
@@ -241,10 +241,12 @@ fn dev_endpoints_are_403_in_production() {
         assert_eq!(r.status, 401);
     }
     // The reset did not happen.
-    assert_eq!(s.login("alice", "pw-123456").status, 200);
+    assert_eq!(s.login("alice", "pw-123456-long").status, 200);
     let agents = s.get("/api/users/agents", &admin).json();
     assert_eq!(agents.as_array().unwrap().len(), 2);
 }
+
+const PROD_PASSWORD: &str = "a-real-admin-password";
 
 #[test]
 fn a_production_start_clears_the_stored_raw_tokens() {
@@ -254,9 +256,11 @@ fn a_production_start_clears_the_stored_raw_tokens() {
     let butler = s.butler_token(&admin);
     assert_eq!(raw_token_of(&s, &admin, "bot"), bot);
 
+    // A production start refuses the development password: set a real one first.
+    s.change_password(&admin, "admin123", PROD_PASSWORD);
     // Production: the tokens keep working, but their raw copies are dropped.
     let s = s.restart(&["--env", "production"], &[]);
-    let admin = s.admin_token(); // bootstrap does not run again: the password is unchanged
+    let admin = s.token_for("admin", PROD_PASSWORD); // bootstrap does not run again
     assert_eq!(me_status(&s, &bot), 200);
     assert_eq!(me_status(&s, &butler), 200);
     // Agents registered or rotated in production never get a raw copy either.
@@ -270,7 +274,7 @@ fn a_production_start_clears_the_stored_raw_tokens() {
     assert_eq!(r.status, 200, "{}", r.body);
 
     let s = s.restart(&[], &[]);
-    let admin = s.admin_token();
+    let admin = s.token_for("admin", PROD_PASSWORD);
     for name in ["bot", "Butler", "prod-bot"] {
         let r = dev_token(&s, &admin, name);
         assert_eq!(r.status, 200, "{name}: {}", r.body);
@@ -298,10 +302,10 @@ fn an_upstream_app_env_of_prod_also_disables_the_mock_endpoints() {
         &[],
         &[
             ("APP_ENV", "prod"),
-            ("ECHOCENTER_ADMIN_PASSWORD", "x-secret-1"),
+            ("ECHOCENTER_ADMIN_PASSWORD", "x-secret-long-1"),
         ],
     );
-    let r = s.login("admin", "x-secret-1");
+    let r = s.login("admin", "x-secret-long-1");
     assert_eq!(r.status, 200, "{}", r.body);
     let admin = r.json()["token"].as_str().unwrap().to_string();
     let r = dev_token(&s, &admin, "Butler");

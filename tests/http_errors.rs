@@ -103,7 +103,7 @@ fn wrong_field_types_are_400_invalid_request_body() {
         (
             "POST",
             "/api/users",
-            json!({"username": "bob", "password": "pw-123456", "role": 1}),
+            json!({"username": "bob", "password": "pw-123456-long", "role": 1}),
         ),
         (
             "POST",
@@ -319,7 +319,8 @@ fn wrong_methods_are_405_method_not_allowed() {
         ("POST", "/api/users/agents/2"),
         ("DELETE", "/api/messages"),
         ("GET", "/api/dev/mock/reset"),
-        ("GET", "/api/users"),
+        ("PUT", "/api/users"),
+        ("POST", "/api/users/3"),
     ] {
         let r = s.request(method, path, Some(&admin), None);
         assert_eq!(r.status, 405, "{method} {path}: {}", r.body);

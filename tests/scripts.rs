@@ -392,7 +392,7 @@ fn register_agent_exit_codes_tell_failures_apart() {
     cmd.arg("bot-c")
         .env("ECHOCENTER_URL", &u)
         .env("ECHOCENTER_ADMIN_USER", "mia")
-        .env("ECHOCENTER_ADMIN_PASSWORD", "pw-123456");
+        .env("ECHOCENTER_ADMIN_PASSWORD", "pw-123456-long");
     let member = run(cmd);
     assert_eq!(member.status.code(), Some(4), "{}", stderr(&member));
 
@@ -1323,7 +1323,7 @@ fn the_api_script_mirrors_the_command_line_against_a_live_server() {
     let again = api(
         &s,
         &["user", "add", "carol", "--role", "MEMBER"],
-        Some("x\n"),
+        Some("carol-pass-2\n"),
     );
     assert_eq!(again.status.code(), Some(5));
     assert_eq!(

@@ -19,7 +19,7 @@ use crate::app::App;
 use crate::auth::{self, AuthFailure, BearerError};
 use crate::head::query_param;
 use crate::identity::{sha256_hex, AgentToken, Principal, Role};
-use crate::store::{LogQuery, NewChat, NewLog, NewMachine, StoreError, UserRow};
+use crate::store::{HumanChange, LogQuery, NewChat, NewLog, NewMachine, StoreError, UserRow};
 use crate::wire::{self, Close, Code, Kind, UserView};
 use crate::{clock, log_error};
 
@@ -111,10 +111,13 @@ impl From<StoreError> for Reply {
 enum Endpoint {
     Dashboard,
     Ping,
+    Health,
     Login,
     Me,
     Messages,
     Users,
+    User(String),
+    MyPassword,
     Agents,
     AgentStatus,
     AgentTest,
@@ -139,6 +142,7 @@ fn endpoint(path: &str) -> Option<Endpoint> {
         [] | [""] => Endpoint::Dashboard,
         ["metrics"] => Endpoint::Metrics,
         ["api", "ping"] => Endpoint::Ping,
+        ["api", "health"] => Endpoint::Health,
         ["api", "ws"] => Endpoint::Ws,
         ["api", "auth", "login"] => Endpoint::Login,
         ["api", "messages"] => Endpoint::Messages,
@@ -150,6 +154,8 @@ fn endpoint(path: &str) -> Option<Endpoint> {
         ["api", "users", "agents", "test-connection"] => Endpoint::AgentTest,
         ["api", "users", "agents", id] => Endpoint::Agent(owned(id)),
         ["api", "users", "agents", id, "token"] => Endpoint::AgentToken(owned(id)),
+        ["api", "users", "me", "password"] => Endpoint::MyPassword,
+        ["api", "users", id] => Endpoint::User(owned(id)),
         ["api", "chat", "history", peer] => Endpoint::History(owned(peer)),
         ["api", "chat", "butler-agent", agent] => Endpoint::ButlerAgent(owned(agent)),
         ["api", "chat", "auth", "response"] => Endpoint::AuthResponse,
@@ -238,12 +244,17 @@ fn route(ctx: &Ctx) -> Result<Reply> {
     match (ep, method) {
         (Endpoint::Dashboard, "GET") => Ok(dashboard::page()),
         (Endpoint::Ping, "GET") => Ok(Reply::json(200, &serde_json::json!({"message": "pong"}))),
+        (Endpoint::Health, "GET") => Ok(health(ctx)),
         (Endpoint::Ws, "GET") => Err(Reply::error(426, "websocket upgrade required")),
         (Endpoint::Login, "POST") => login(ctx),
         (Endpoint::Me, "GET") => me(ctx),
         (Endpoint::Messages, "GET") => list_logs(ctx),
         (Endpoint::Messages, "POST") => post_log(ctx),
         (Endpoint::Users, "POST") => create_user(ctx),
+        (Endpoint::Users, "GET") => list_humans(ctx),
+        (Endpoint::User(id), "PATCH") => update_human(ctx, &id),
+        (Endpoint::User(id), "DELETE") => delete_human(ctx, &id),
+        (Endpoint::MyPassword, "POST") => change_my_password(ctx),
         (Endpoint::Agents, "GET") => list_agents(ctx),
         (Endpoint::Agents, "POST") => register_agent(ctx),
         (Endpoint::AgentStatus, "GET") => agent_statuses(ctx),
@@ -454,6 +465,7 @@ fn user_view(ctx: &Ctx, u: UserRow, last_report: Option<String>) -> UserView {
         runtime_kind: u.runtime_kind,
         description: u.description,
         created_at: u.created_at,
+        disabled: u.role.is_human().then_some(u.disabled),
         machine,
         api_token: None,
     }
@@ -490,7 +502,14 @@ fn login(ctx: &Ctx) -> Result<Reply> {
         }
     };
     attempt.release();
-    let token = ctx.app.keys.issue(user.id, user.role, clock::now_secs());
+    if user.disabled {
+        // Said only to someone who knows the password.
+        return Err(Reply::error(403, "account disabled"));
+    }
+    let token = ctx
+        .app
+        .keys
+        .issue(user.id, user.role, user.session_gen, clock::now_secs());
     let user = single_view(ctx, user)?;
     Ok(Reply::json(200, &wire::LoginResponse { token, user }))
 }
@@ -513,6 +532,36 @@ fn verify_login(ctx: &Ctx) -> Result<Option<UserRow>> {
         (true, Some((id, _))) => Ok(ctx.app.store.user_by_id(id)?),
         _ => Ok(None),
     }
+}
+
+/// For load balancers and systemd: 200 when a read answers and the writer commits within
+/// 2 s, else 503; the body says which part failed.
+fn health(ctx: &Ctx) -> Reply {
+    let database = match ctx.app.store.readable() {
+        Ok(()) => "ok".to_string(),
+        Err(e) => {
+            log_error!("health: the database does not answer: {e}");
+            "unreachable".to_string()
+        }
+    };
+    let writer = if ctx
+        .app
+        .store
+        .writer_answers(std::time::Duration::from_secs(2))
+    {
+        "ok"
+    } else {
+        "stalled"
+    };
+    let ok = database == "ok" && writer == "ok";
+    Reply::json(
+        if ok { 200 } else { 503 },
+        &serde_json::json!({
+            "status": if ok { "ok" } else { "unavailable" },
+            "database": database,
+            "writer": writer,
+        }),
+    )
 }
 
 fn me(ctx: &Ctx) -> Result<Reply> {
@@ -606,12 +655,118 @@ fn create_user(ctx: &Ctx) -> Result<Reply> {
     if req.password.is_empty() {
         return Err(Reply::error(400, "password is required"));
     }
+    if let Some(problem) = auth::password_problem(&req.password, ctx.app.production()) {
+        return Err(Reply::error(400, &problem));
+    }
     let row =
         ctx.app
             .store
             .create_human(&req.username, role, &auth::hash_password(&req.password))?;
     ctx.app.hub.forget_user(row.id);
     Ok(Reply::json(201, &single_view(ctx, row)?))
+}
+
+fn list_humans(ctx: &Ctx) -> Result<Reply> {
+    authorize(ctx, Access::Admin)?;
+    let rows = ctx.app.store.humans()?;
+    Ok(Reply::json(200, &user_views(ctx, rows)?))
+}
+
+/// The live human behind `:id`, or 404 `user not found` (agents have their own routes).
+fn human_target(ctx: &Ctx, raw_id: &str) -> Result<UserRow> {
+    let id = path_id(raw_id, "user id")?;
+    match ctx.app.store.user_by_id(id)? {
+        Some(u) if !u.deleted && u.role.is_human() => Ok(u),
+        Some(u) if !u.deleted => Err(Reply::error(400, "target user is not a human")),
+        _ => Err(Reply::error(404, "user not found")),
+    }
+}
+
+fn update_human(ctx: &Ctx, raw_id: &str) -> Result<Reply> {
+    let me = authorize(ctx, Access::Admin)?;
+    let req: wire::UpdateUserRequest = json_body(ctx)?;
+    let user = human_target(ctx, raw_id)?;
+    let role = match req.role.as_deref().map(str::to_ascii_uppercase).as_deref() {
+        None => None,
+        Some("ADMIN") => Some(Role::Admin),
+        Some("MEMBER") => Some(Role::Member),
+        Some(_) => return Err(Reply::error(400, "invalid role")),
+    };
+    if req.disabled == Some(true) && user.id == me.id {
+        return Err(Reply::error(400, "cannot disable yourself"));
+    }
+    let password_hash = match req.password.as_deref() {
+        None => None,
+        Some(p) => match auth::password_problem(p, ctx.app.production()) {
+            Some(problem) => return Err(Reply::error(400, &problem)),
+            None => Some(auth::hash_password(p)),
+        },
+    };
+    let change = HumanChange {
+        role,
+        disabled: req.disabled,
+        password_hash,
+    };
+    let row = ctx.app.store.update_human(user.id, &change)?;
+    if row.session_gen != user.session_gen {
+        let close = if row.disabled {
+            Close::UserDisabled
+        } else {
+            Close::SessionRevoked
+        };
+        ctx.app.hub.close_user(user.id, close);
+    }
+    ctx.app.hub.forget_user(user.id);
+    Ok(Reply::json(200, &single_view(ctx, row)?))
+}
+
+fn delete_human(ctx: &Ctx, raw_id: &str) -> Result<Reply> {
+    let me = authorize(ctx, Access::Admin)?;
+    let user = human_target(ctx, raw_id)?;
+    if user.id == me.id {
+        return Err(Reply::error(400, "cannot remove yourself"));
+    }
+    ctx.app.store.delete_human(user.id)?;
+    ctx.app.hub.forget_user(user.id);
+    ctx.app.hub.close_user(user.id, Close::UserRemoved);
+    Ok(Reply::json(200, &serde_json::json!({"ok": true})))
+}
+
+/// A human changes its own password; every session of the account ends (this request's JWT
+/// too), and the answer carries a fresh JWT so the caller stays logged in.
+fn change_my_password(ctx: &Ctx) -> Result<Reply> {
+    let me = authorize(ctx, Access::Human)?;
+    let attempt = ctx.app.logins.reserve(ctx.peer).map_err(|wait| {
+        ctx.app.hub.metrics.limit("login_rate_limited");
+        Reply::error(429, "too many login attempts").with_header("Retry-After", wait.to_string())
+    })?;
+    let req: wire::ChangePasswordRequest = match json_body(ctx) {
+        Ok(r) => r,
+        Err(e) => {
+            attempt.release();
+            return Err(e);
+        }
+    };
+    let current = ctx.app.store.password_hash_of(me.id)?.unwrap_or_default();
+    if !auth::verify_password(&req.current_password, &current) {
+        return Err(Reply::error(401, "invalid credentials"));
+    }
+    attempt.release();
+    if let Some(problem) = auth::password_problem(&req.new_password, ctx.app.production()) {
+        return Err(Reply::error(400, &problem));
+    }
+    let change = HumanChange {
+        password_hash: Some(auth::hash_password(&req.new_password)),
+        ..HumanChange::default()
+    };
+    let row = ctx.app.store.update_human(me.id, &change)?;
+    ctx.app.hub.close_user(me.id, Close::SessionRevoked);
+    let token = ctx
+        .app
+        .keys
+        .issue(row.id, row.role, row.session_gen, clock::now_secs());
+    let user = single_view(ctx, row)?;
+    Ok(Reply::json(200, &wire::LoginResponse { token, user }))
 }
 
 fn list_agents(ctx: &Ctx) -> Result<Reply> {
@@ -947,7 +1102,10 @@ fn dev_reset(ctx: &Ctx) -> Result<Reply> {
         .set_setting("jwt_generation", &generation.to_string())?;
     ctx.app.keys.set_generation(generation);
     ctx.app.hub.forget_all_users();
-    crate::bootstrap::bootstrap(&ctx.app.store, &ctx.app.config)?;
+    crate::bootstrap::bootstrap(&ctx.app.store, &ctx.app.config).map_err(|e| {
+        log_error!("http: {e}");
+        Reply::error(500, "internal server error")
+    })?;
     Ok(Reply::json(200, &serde_json::json!({"status": "reset"})))
 }
 

@@ -32,7 +32,7 @@ pub use session::{End, Inbound, Session};
 
 use crate::identity::{Principal, Role};
 use crate::metrics::Metrics;
-use crate::store::{self, NewChat, NewLog, Store, Stored};
+use crate::store::{self, NewChat, NewLog, Presence, Store, Stored};
 use crate::wire::{self, Close, Code, Frame, Kind};
 use crate::{clock, log_debug, log_error};
 use conn::Shared;
@@ -69,7 +69,7 @@ pub enum RegisterError {
 }
 
 /// Whether a machine user is online, as the registry sees it.
-pub struct Presence {
+pub struct LivePresence {
     pub online: bool,
     /// Online: its latest frame or connect; offline: its disconnect during this run (None
     /// when it has not disconnected since the server started: the database knows).
@@ -156,7 +156,11 @@ impl Hub {
         };
         self.metrics.connection_opened(conn.principal.role);
         if first && !conn.principal.role.is_human() {
-            self.announce_presence(&conn.principal, true, &clock::now_rfc3339());
+            let now = clock::now_rfc3339();
+            // For the command line (`agent list`): the database's view of who is online.
+            self.store
+                .set_presence(conn.principal.id, Presence::Online(now.clone()));
+            self.announce_presence(&conn.principal, true, &now);
         }
         Ok((conn, queues, first))
     }
@@ -177,7 +181,7 @@ impl Hub {
         let recorded = machine && only_one_left();
         if recorded {
             self.store
-                .set_last_seen(conn.principal.id, clock::format_ms(now));
+                .set_presence(conn.principal.id, Presence::Offline(clock::format_ms(now)));
             self.store.flush();
         }
         let _presence = self.presence.lock().unwrap_or_else(|p| p.into_inner());
@@ -187,7 +191,7 @@ impl Hub {
             // Rare: another connection of this user closed in between.
             now = clock::now_ms();
             self.store
-                .set_last_seen(conn.principal.id, clock::format_ms(now));
+                .set_presence(conn.principal.id, Presence::Offline(clock::format_ms(now)));
             self.store.flush();
         }
         {
@@ -224,14 +228,14 @@ impl Hub {
     }
 
     /// Whether a user is online, and when it was last seen, from one look at the registry.
-    pub fn presence(&self, user_id: i64) -> Presence {
+    pub fn presence(&self, user_id: i64) -> LivePresence {
         let reg = self.read();
         match reg.by_user.get(&user_id) {
-            Some(list) => Presence {
+            Some(list) => LivePresence {
                 online: true,
                 last_seen_ms: list.iter().map(|c| c.last_activity_ms()).max(),
             },
-            None => Presence {
+            None => LivePresence {
                 online: false,
                 last_seen_ms: reg.last_seen.get(&user_id).copied(),
             },
@@ -310,8 +314,9 @@ impl Hub {
     }
 
     /// Why a session's credential no longer holds, if it does not: a machine's token must
-    /// still be its current one (a rotation from the command line), a human must still exist
-    /// and its JWT must not have expired.
+    /// still be its current one (a rotation from the command line); a human must still exist,
+    /// be enabled, have the role and session generation it logged in with, and its JWT must
+    /// not have expired.
     pub fn credentials_revoked(&self, p: &Principal) -> Option<Close> {
         match &p.token_hash {
             Some(hash) => match self.store.token_hash_of(p.id) {
@@ -325,8 +330,13 @@ impl Hub {
                     return Some(Close::TokenExpired);
                 }
                 match self.store.user_by_id(p.id) {
-                    Ok(Some(u)) if !u.deleted => None,
-                    Ok(_) => Some(Close::UserRemoved),
+                    Ok(Some(u)) if u.deleted => Some(Close::UserRemoved),
+                    Ok(Some(u)) if u.disabled => Some(Close::UserDisabled),
+                    Ok(Some(u)) if u.session_gen != p.session_gen || u.role != p.role => {
+                        Some(Close::SessionRevoked)
+                    }
+                    Ok(Some(_)) => None,
+                    Ok(None) => Some(Close::UserRemoved),
                     Err(_) => None,
                 }
             }

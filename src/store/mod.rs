@@ -38,7 +38,7 @@ use crate::identity::{AgentToken, Role};
 use crate::wire::Kind;
 
 use writer::{answer, Job};
-pub use writer::{Pending, WriterStats};
+pub use writer::{Pending, Presence, WriterStats};
 
 #[derive(Debug)]
 pub enum StoreError {
@@ -86,6 +86,20 @@ pub struct UserRow {
     pub last_seen_at: Option<String>,
     pub token_hint: Option<String>,
     pub token_updated_at: Option<String>,
+    /// A human whose account is disabled: no login, no sessions.
+    pub disabled: bool,
+    /// The generation a JWT must carry (see `sql/002_accounts.sql`).
+    pub session_gen: i64,
+    /// A machine user with a live connection: since when (the database's view).
+    pub online_since: Option<String>,
+}
+
+/// A change to a human account; absent fields stay as they are.
+#[derive(Debug, Default)]
+pub struct HumanChange {
+    pub role: Option<Role>,
+    pub disabled: Option<bool>,
+    pub password_hash: Option<String>,
 }
 
 #[derive(Debug)]
@@ -180,6 +194,39 @@ pub struct ReplayShares {
     pub agent_window: i64,
 }
 
+/// What retention keeps (None: no limit of that kind).
+#[derive(Debug, Clone, Default)]
+pub struct Retention {
+    pub logs_for: Option<std::time::Duration>,
+    pub chat_for: Option<std::time::Duration>,
+    pub max_log_rows_per_agent: Option<u64>,
+    pub max_log_bytes_per_agent: Option<u64>,
+}
+
+/// Rows retention deleted, by rule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub logs_by_age: u64,
+    pub logs_by_budget: u64,
+    pub chat_by_age: u64,
+}
+
+impl Pruned {
+    pub fn total(&self) -> u64 {
+        self.logs_by_age + self.logs_by_budget + self.chat_by_age
+    }
+
+    pub fn add(&mut self, other: &Pruned) {
+        self.logs_by_age += other.logs_by_age;
+        self.logs_by_budget += other.logs_by_budget;
+        self.chat_by_age += other.chat_by_age;
+    }
+}
+
+/// Undelivered frames are kept this long whatever the chat retention (store and forward's
+/// window; see `hub::replay`).
+pub const UNDELIVERED_KEPT_MS: i64 = 7 * 24 * 3600 * 1000;
+
 /// A frame retired from store and forward, for telling its sender.
 #[derive(Debug, Clone)]
 pub struct Retired {
@@ -259,6 +306,27 @@ pub trait Backend: Send + std::marker::Sync {
     fn raw_token(&self, user_id: i64) -> Result<Option<String>>;
     /// Live AGENT and BUTLER users, ordered by id.
     fn machines(&self) -> Result<Vec<UserRow>>;
+    /// Live ADMIN and MEMBER users (disabled ones included), ordered by id.
+    fn humans(&self) -> Result<Vec<UserRow>>;
+    /// Changes a human's role, disabled flag or password. A role change, disabling and a new
+    /// password end every session (the session generation moves on). Refused with
+    /// `Conflict("cannot remove the last admin")` when no active admin would remain; `NotFound`
+    /// for anything but a live human.
+    fn update_human(&self, id: i64, change: &HumanChange) -> Result<UserRow>;
+    /// Marks a human deleted (its history stays, its name stays reserved) and ends its
+    /// sessions; the last-admin rule as above.
+    fn delete_human(&self, id: i64) -> Result<()>;
+    fn password_hash_of(&self, id: i64) -> Result<Option<String>>;
+    /// (username, password hash) of every active admin, for the start-up check that none
+    /// still has the development password.
+    fn admin_password_hashes(&self) -> Result<Vec<(String, String)>>;
+    /// Forgets every `online_since` (a start: nothing is connected yet).
+    fn clear_presence(&self) -> Result<()>;
+    /// Writes a consistent copy of the whole database to `target` (a new file, mode 0600),
+    /// safe while the server writes.
+    fn backup_to(&self, target: &Path) -> Result<()>;
+    /// Whether a read answers (the health check).
+    fn readable(&self) -> Result<()>;
     /// The Butler (the live BUTLER user with the lowest id), if there is one.
     fn butler(&self) -> Result<Option<UserRow>>;
     /// The latest SYSTEM_LOG content of each named agent (absent when it never reported).
@@ -355,9 +423,9 @@ impl Store {
         }
     }
 
-    /// Records (asynchronously) when a machine user was last seen.
-    pub fn set_last_seen(&self, user_id: i64, at: String) {
-        let _ = self.jobs.send(Job::LastSeen(user_id, at));
+    /// Records (asynchronously) a machine user's first connection opening or last closing.
+    pub fn set_presence(&self, user_id: i64, presence: Presence) {
+        let _ = self.jobs.send(Job::Presence(user_id, presence));
     }
 
     /// Plans store and forward for `user_id`: retires every undelivered frame addressed to
@@ -374,6 +442,27 @@ impl Store {
             .send(Job::PlanReplay(user_id, shares, answer))
             .map_err(|_| StoreError::Closed)?;
         wait.wait().unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Turns on background retention in the writer (pruning in bounded steps between
+    /// batches: every minute, and sooner while an agent floods).
+    pub fn start_retention(&self, retention: Retention) {
+        let _ = self.jobs.send(Job::Retention(retention));
+    }
+
+    /// Prunes now, until nothing is past the rules; returns what was deleted.
+    pub fn prune_now(&self, retention: &Retention) -> Result<Pruned> {
+        let (answer, wait) = answer();
+        self.jobs
+            .send(Job::Prune(retention.clone(), answer))
+            .map_err(|_| StoreError::Closed)?;
+        wait.wait().unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Whether the writer commits within `timeout` (the health check).
+    pub fn writer_answers(&self, timeout: std::time::Duration) -> bool {
+        let (answer, wait) = answer();
+        self.jobs.send(Job::Barrier(answer)).is_ok() && wait.wait_for(timeout).is_some()
     }
 
     /// Waits until every write queued before this call is committed.

@@ -17,15 +17,22 @@ use serde_json::value::RawValue;
 
 use super::writer::{Batches, Job, Outcome};
 use super::{
-    Backend, ChatRow, Delivery, LogQuery, LogRow, NewChat, NewLog, NewMachine, ReplayShares,
-    Result, Retired, StoreError, Stored, UserRow,
+    Backend, ChatRow, Delivery, HumanChange, LogQuery, LogRow, NewChat, NewLog, NewMachine,
+    ReplayShares, Result, Retired, StoreError, Stored, UserRow,
 };
 use crate::clock;
 use crate::config::Sync;
 use crate::identity::{AgentToken, Role};
 
 /// Numbered migrations, applied in order, each in its own transaction, recorded by name.
-const MIGRATIONS: &[(&str, &str)] = &[("001_initial", include_str!("../../sql/001_initial.sql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("001_initial", include_str!("../../sql/001_initial.sql")),
+    ("002_accounts", include_str!("../../sql/002_accounts.sql")),
+    (
+        "003_retention_search",
+        include_str!("../../sql/003_retention_search.sql"),
+    ),
+];
 /// Connections for authentication and routing lookups, and for everything else.
 const AUTH_CONNECTIONS: usize = 2;
 const GENERAL_CONNECTIONS: usize = 4;
@@ -46,6 +53,7 @@ pub fn open(path: &Path, sync: Sync) -> Result<(Sqlite, SqliteWriter)> {
         ))
     })?;
     let mut conn = open_connection(path, sync)?;
+    use_incremental_vacuum(&conn, path)?;
     migrate(&mut conn)?;
     let writer = SqliteWriter {
         conn: open_connection(path, sync)?,
@@ -225,6 +233,7 @@ impl Backend for Sqlite {
              DELETE FROM human_credentials;
              DELETE FROM machine_credentials;
              DELETE FROM users;
+             DELETE FROM log_usage;
              DELETE FROM sqlite_sequence WHERE name IN ('users', 'messages', 'chat_messages');",
         )?;
         tx.commit()?;
@@ -323,6 +332,136 @@ impl Backend for Sqlite {
             .flatten())
     }
 
+    fn humans(&self) -> Result<Vec<UserRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{USER_SELECT} WHERE u.role IN ('ADMIN', 'MEMBER') AND u.deleted_at IS NULL ORDER BY u.id"
+        ))?;
+        let rows = stmt.query_map([], user_from_row)?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    fn update_human(&self, id: i64, change: &HumanChange) -> Result<UserRow> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let exists: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM users WHERE id = ?1 AND deleted_at IS NULL AND role IN ('ADMIN', 'MEMBER')",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound);
+        }
+        let now = clock::now_rfc3339();
+        if let Some(role) = change.role {
+            tx.execute(
+                "UPDATE users SET role = ?2, session_gen = session_gen + 1 WHERE id = ?1 AND role <> ?2",
+                params![id, role.as_str()],
+            )?;
+        }
+        match change.disabled {
+            Some(true) => {
+                tx.execute(
+                    "UPDATE users SET disabled_at = ?2, session_gen = session_gen + 1
+                     WHERE id = ?1 AND disabled_at IS NULL",
+                    params![id, now],
+                )?;
+            }
+            Some(false) => {
+                tx.execute("UPDATE users SET disabled_at = NULL WHERE id = ?1", [id])?;
+            }
+            None => {}
+        }
+        if let Some(hash) = &change.password_hash {
+            tx.execute(
+                "UPDATE human_credentials SET password_hash = ?2, updated_at = ?3 WHERE user_id = ?1",
+                params![id, hash, now],
+            )?;
+            tx.execute(
+                "UPDATE users SET session_gen = session_gen + 1 WHERE id = ?1",
+                [id],
+            )?;
+        }
+        ensure_an_admin_remains(&tx)?;
+        tx.commit()?;
+        user_by_id(&conn, id)?.ok_or(StoreError::NotFound)
+    }
+
+    fn delete_human(&self, id: i64) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "UPDATE users SET deleted_at = ?2, session_gen = session_gen + 1
+             WHERE id = ?1 AND deleted_at IS NULL AND role IN ('ADMIN', 'MEMBER')",
+            params![id, clock::now_rfc3339()],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound);
+        }
+        tx.execute("DELETE FROM human_credentials WHERE user_id = ?1", [id])?;
+        ensure_an_admin_remains(&tx)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn password_hash_of(&self, id: i64) -> Result<Option<String>> {
+        Ok(self
+            .auth_conn()
+            .query_row(
+                "SELECT password_hash FROM human_credentials WHERE user_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    fn admin_password_hashes(&self) -> Result<Vec<(String, String)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT u.username, h.password_hash FROM users u JOIN human_credentials h ON h.user_id = u.id
+             WHERE u.role = 'ADMIN' AND u.deleted_at IS NULL AND u.disabled_at IS NULL ORDER BY u.id",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    fn backup_to(&self, target: &Path) -> Result<()> {
+        prepare_new_file(target).map_err(|e| {
+            StoreError::File(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}", target.display()),
+            ))
+        })?;
+        let src = self.conn();
+        let mut dst = Connection::open(target)?;
+        // One step of every page: the copy is the database as of one read transaction (WAL
+        // readers do not block the writer, and a writer cannot restart a single step).
+        let backup = rusqlite::backup::Backup::new(&src, &mut dst)?;
+        backup.step(-1)?;
+        drop(backup);
+        // The copy stands alone: its own journal, not the source's WAL.
+        dst.pragma_update(None, "journal_mode", "DELETE")?;
+        Ok(())
+    }
+
+    fn readable(&self) -> Result<()> {
+        self.auth_conn()
+            .query_row("SELECT COUNT(*) FROM migrations", [], |r| {
+                r.get::<_, i64>(0)
+            })?;
+        Ok(())
+    }
+
+    fn clear_presence(&self) -> Result<()> {
+        self.conn().execute(
+            "UPDATE users SET online_since = NULL WHERE online_since IS NOT NULL",
+            [],
+        )?;
+        Ok(())
+    }
+
     /// Live AGENT and BUTLER users, ordered by id.
     fn machines(&self) -> Result<Vec<UserRow>> {
         let conn = self.conn();
@@ -397,17 +536,35 @@ impl Backend for Sqlite {
 
     fn logs(&self, q: &LogQuery) -> Result<Vec<LogRow>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT id, agent_id, level, content, timestamp FROM messages
-             WHERE (?1 IS NULL OR agent_id = ?1)
-               AND (?2 IS NULL OR level IN (SELECT value FROM json_each(?2)))
-               AND (?3 IS NULL OR content LIKE ?3 ESCAPE '\\')
-               AND (?6 IS NULL OR id < ?6)
-               AND (?7 IS NULL OR timestamp >= ?7)
-               AND (?8 IS NULL OR timestamp < ?8)
-             ORDER BY id DESC LIMIT ?4 OFFSET ?5",
-        )?;
-        let pattern = q.q.as_deref().map(|s| format!("%{}%", escape_like(s)));
+        // A substring of three characters or more is looked up in the trigram index, which
+        // is then the outer loop (newest match first); shorter ones scan, as LIKE must.
+        let fts = q.q.as_deref().filter(|s| s.chars().count() >= 3);
+        let (from, search) = match fts {
+            Some(_) => (
+                "messages_fts f JOIN messages m ON m.id = f.rowid",
+                "f.messages_fts MATCH ?3 ORDER BY f.rowid DESC",
+            ),
+            None => (
+                "messages m",
+                "(?3 IS NULL OR m.content LIKE ?3 ESCAPE '\\') ORDER BY m.id DESC",
+            ),
+        };
+        let sql = format!(
+            "SELECT m.id, m.agent_id, m.level, m.content, m.timestamp FROM {from}
+             WHERE (?1 IS NULL OR m.agent_id = ?1)
+               AND (?2 IS NULL OR m.level IN (SELECT value FROM json_each(?2)))
+               AND (?6 IS NULL OR m.id < ?6)
+               AND (?7 IS NULL OR m.timestamp >= ?7)
+               AND (?8 IS NULL OR m.timestamp < ?8)
+               AND {search} LIMIT ?4 OFFSET ?5"
+        );
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let pattern = match (fts, q.q.as_deref()) {
+            // An FTS5 phrase: the whole text, quotes doubled, matched as a substring.
+            (Some(text), _) => Some(format!("\"{}\"", text.replace('"', "\"\""))),
+            (None, Some(text)) => Some(format!("%{}%", escape_like(text))),
+            (None, None) => None,
+        };
         let levels = (!q.levels.is_empty())
             .then(|| serde_json::to_string(&q.levels).unwrap_or_else(|_| "[]".into()));
         let mut rows = stmt.query(params![
@@ -483,7 +640,8 @@ impl Backend for Sqlite {
 
 const USER_SELECT: &str =
     "SELECT u.id, u.username, u.role, u.agent_kind, u.runtime_kind, u.description,
-        u.created_at, u.deleted_at IS NOT NULL, u.last_seen_at, m.token_hint, m.updated_at
+        u.created_at, u.deleted_at IS NOT NULL, u.last_seen_at, m.token_hint, m.updated_at,
+        u.disabled_at IS NOT NULL, u.session_gen, u.online_since
      FROM users u LEFT JOIN machine_credentials m ON m.user_id = u.id";
 
 const CHAT_SELECT: &str = "SELECT id, local_id, sender_id, receiver_id, type, content, stream_id,
@@ -504,6 +662,9 @@ fn user_from_row(r: &rusqlite::Row) -> rusqlite::Result<UserRow> {
         last_seen_at: r.get(8)?,
         token_hint: r.get(9)?,
         token_updated_at: r.get(10)?,
+        disabled: r.get(11)?,
+        session_gen: r.get(12)?,
+        online_since: r.get(13)?,
     })
 }
 
@@ -577,6 +738,20 @@ fn insert_machine(conn: &Connection, m: &NewMachine, keep_raw: bool, now: &str) 
     Ok(id)
 }
 
+/// The last-admin rule: every change to humans leaves at least one admin who can log in.
+fn ensure_an_admin_remains(tx: &rusqlite::Transaction) -> Result<()> {
+    let admins: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM users u JOIN human_credentials h ON h.user_id = u.id
+         WHERE u.role = 'ADMIN' AND u.deleted_at IS NULL AND u.disabled_at IS NULL",
+        [],
+        |r| r.get(0),
+    )?;
+    if admins == 0 {
+        return Err(StoreError::Conflict("cannot remove the last admin"));
+    }
+    Ok(())
+}
+
 fn map_unique(res: rusqlite::Result<usize>, why: &'static str) -> Result<usize> {
     match res {
         Err(rusqlite::Error::SqliteFailure(e, _))
@@ -614,6 +789,17 @@ fn prepare_file(path: &Path) -> std::io::Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(0o600))
 }
 
+/// Creates `path` (it must not exist), mode 0600.
+fn prepare_new_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+}
+
 fn open_connection(path: &Path, sync: Sync) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
@@ -628,6 +814,26 @@ fn open_connection(path: &Path, sync: Sync) -> Result<Connection> {
         },
     )?;
     Ok(conn)
+}
+
+/// Pruned pages go back to the file system only with incremental auto-vacuum. A new database
+/// gets it before its first table; one made by an older build is converted once with VACUUM
+/// (which rewrites the file: it takes a while on a large one, and as much free disk again).
+fn use_incremental_vacuum(conn: &Connection, path: &Path) -> Result<()> {
+    let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+    if mode == 2 {
+        return Ok(());
+    }
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    let tables: i64 = conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))?;
+    if tables > 0 {
+        crate::log_info!(
+            "store: converting {} to incremental auto-vacuum (once; this rewrites the file)",
+            path.display()
+        );
+        conn.execute_batch("VACUUM")?;
+    }
+    Ok(())
 }
 
 fn migrate(conn: &mut Connection) -> Result<()> {
@@ -660,10 +866,159 @@ pub struct SqliteWriter {
     conn: Connection,
 }
 
+/// Most rows, and bytes of content, one prune step deletes: a step is one short
+/// transaction (deleting a row also updates the search index, which re-reads its content).
+const PRUNE_ROWS: i64 = 2000;
+const PRUNE_BYTES: i64 = 4 << 20;
+/// An agent over its budget is trimmed to this share of it, so that it is not pruned again
+/// for every new line.
+const BUDGET_TRIM_TO: f64 = 0.95;
+/// Pages given back to the file system after a prune step (4 KiB each).
+const VACUUM_PAGES: i64 = 4096;
+
 impl Batches for SqliteWriter {
     fn write(&mut self, batch: &[Job]) -> (Vec<Outcome>, bool) {
         write_batch(&mut self.conn, batch)
     }
+
+    fn prune_step(&mut self, r: &super::Retention) -> Result<super::Pruned> {
+        let now = clock::now_ms();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut pruned = super::Pruned::default();
+        if let Some(keep) = r.logs_for {
+            let cutoff = clock::format_ms(now - keep.as_millis() as i64);
+            pruned.logs_by_age = delete_oldest(
+                &tx,
+                "messages",
+                "timestamp < ?1",
+                &[&cutoff as &dyn rusqlite::ToSql],
+            )?;
+        }
+        if r.max_log_rows_per_agent.is_some() || r.max_log_bytes_per_agent.is_some() {
+            pruned.logs_by_budget = trim_log_budgets(&tx, r)?;
+        }
+        if let Some(keep) = r.chat_for {
+            let cutoff = clock::format_ms(now - keep.as_millis() as i64);
+            // Undelivered frames stay for store and forward's whole window.
+            let replay_cutoff = clock::format_ms(now - super::UNDELIVERED_KEPT_MS);
+            pruned.chat_by_age = delete_oldest(
+                &tx,
+                "chat_messages",
+                "timestamp < ?1 AND NOT (delivered = 0 AND timestamp >= ?2)",
+                &[&cutoff as &dyn rusqlite::ToSql, &replay_cutoff],
+            )?;
+        }
+        tx.commit()?;
+        if pruned.total() > 0 {
+            // Give the freed pages back (incremental auto-vacuum; see `open`).
+            let _ = self
+                .conn
+                .query_row(
+                    &format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"),
+                    [],
+                    |_| Ok(()),
+                )
+                .optional();
+        }
+        Ok(pruned)
+    }
+
+    fn idle(&mut self) {
+        // Without this a small, busy database can keep every page in the WAL for hours, and
+        // the main file alone (a naive copy) would hold nothing. PASSIVE never waits.
+        let _ = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+    }
+}
+
+/// Deletes the oldest rows of `table` matching `filter` (by id: ids grow with time), at most
+/// `PRUNE_ROWS` and about `PRUNE_BYTES` of content. Returns how many.
+fn delete_oldest(
+    tx: &rusqlite::Transaction,
+    table: &str,
+    filter: &str,
+    args: &[&dyn rusqlite::ToSql],
+) -> Result<u64> {
+    let n = args.len();
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT id, length(CAST(content AS BLOB)) FROM {table} WHERE {filter} ORDER BY id LIMIT ?{}",
+        n + 1
+    ))?;
+    let mut params: Vec<&dyn rusqlite::ToSql> = args.to_vec();
+    params.push(&PRUNE_ROWS);
+    let rows: Vec<(i64, i64)> = stmt
+        .query_map(params.as_slice(), |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<std::result::Result<_, _>>()?;
+    delete_ids(tx, table, &within_bytes(&rows))
+}
+
+/// The ids of the first rows whose content adds up to `PRUNE_BYTES` (at least one).
+fn within_bytes(rows: &[(i64, i64)]) -> Vec<i64> {
+    let mut bytes = 0;
+    let mut ids = Vec::new();
+    for (id, len) in rows {
+        bytes += len;
+        if bytes > PRUNE_BYTES && !ids.is_empty() {
+            break;
+        }
+        ids.push(*id);
+    }
+    ids
+}
+
+fn delete_ids(tx: &rusqlite::Transaction, table: &str, ids: &[i64]) -> Result<u64> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let list = serde_json::to_string(ids).unwrap_or_else(|_| "[]".into());
+    let n = tx.execute(
+        &format!("DELETE FROM {table} WHERE id IN (SELECT value FROM json_each(?1))"),
+        [list],
+    )?;
+    Ok(n as u64)
+}
+
+/// Agents over their row or byte budget lose their oldest lines, one bounded step at a time.
+fn trim_log_budgets(tx: &rusqlite::Transaction, r: &super::Retention) -> Result<u64> {
+    let max_rows = r.max_log_rows_per_agent.map(|n| n as i64);
+    let max_bytes = r.max_log_bytes_per_agent.map(|n| n as i64);
+    let over: Vec<(String, i64, i64)> = tx
+        .prepare_cached(
+            "SELECT agent_id, rows, bytes FROM log_usage
+             WHERE (?1 IS NOT NULL AND rows > ?1) OR (?2 IS NOT NULL AND bytes > ?2)
+             ORDER BY bytes DESC LIMIT 8",
+        )?
+        .query_map(params![max_rows, max_bytes], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect::<std::result::Result<_, _>>()?;
+    let mut deleted = 0;
+    for (agent, rows, bytes) in over {
+        // How many of its oldest rows to drop: enough for both budgets, with some room.
+        let by_rows = max_rows
+            .map(|m| rows - (m as f64 * BUDGET_TRIM_TO) as i64)
+            .unwrap_or(0);
+        let by_bytes = max_bytes
+            .map(|m| {
+                let excess = bytes - (m as f64 * BUDGET_TRIM_TO) as i64;
+                let per_row = (bytes / rows.max(1)).max(1);
+                (excess + per_row - 1) / per_row
+            })
+            .unwrap_or(0);
+        let want = by_rows.max(by_bytes).clamp(1, PRUNE_ROWS);
+        let candidates: Vec<(i64, i64)> = tx
+            .prepare_cached(
+                "SELECT id, length(CAST(content AS BLOB)) FROM messages
+                 WHERE agent_id = ?1 ORDER BY id LIMIT ?2",
+            )?
+            .query_map(params![agent, want], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<std::result::Result<_, _>>()?;
+        deleted += delete_ids(tx, "messages", &within_bytes(&candidates))?;
+    }
+    Ok(deleted)
 }
 
 /// Runs one batch in one transaction. A row that breaks a constraint fails alone (SQLite rolls
@@ -706,16 +1061,26 @@ fn write_batch(conn: &mut Connection, batch: &[Job]) -> (Vec<Outcome>, bool) {
                 Outcome::Nothing
             }
             Job::PlanReplay(user, shares, _) => Outcome::Plan(plan_replay(&tx, *user, shares)),
-            Job::LastSeen(user, at) => {
-                if let Err(e) = tx.execute(
-                    "UPDATE users SET last_seen_at = ?2 WHERE id = ?1",
-                    params![user, at],
-                ) {
-                    crate::log_warn!("store: cannot record last_seen_at: {e}");
+            Job::Presence(user, presence) => {
+                // Online: the connect time is both last-seen and online-since; offline: the
+                // disconnect time, and no longer online.
+                let result = match presence {
+                    super::writer::Presence::Online(at) => tx.execute(
+                        "UPDATE users SET last_seen_at = ?2, online_since = ?2 WHERE id = ?1",
+                        params![user, at],
+                    ),
+                    super::writer::Presence::Offline(at) => tx.execute(
+                        "UPDATE users SET last_seen_at = ?2, online_since = NULL WHERE id = ?1",
+                        params![user, at],
+                    ),
+                };
+                if let Err(e) = result {
+                    crate::log_warn!("store: cannot record presence: {e}");
                 }
                 Outcome::Nothing
             }
-            Job::Barrier(_) => Outcome::Nothing,
+            // Answered after the commit, by the writer loop.
+            Job::Barrier(_) | Job::Retention(_) | Job::Prune(..) => Outcome::Nothing,
         };
         outcomes.push(outcome);
         // Some errors (disk full, I/O, out of memory) make SQLite roll the whole transaction

@@ -289,8 +289,25 @@ impl Server {
 
     /// A JWT for the bootstrap admin (development password).
     pub fn admin_token(&self) -> String {
-        let r = self.login("admin", "admin123");
-        assert_eq!(r.status, 200, "admin login: {}", r.body);
+        self.token_for("admin", "admin123")
+    }
+
+    /// A JWT for `username`, asserting the login succeeds.
+    pub fn token_for(&self, username: &str, password: &str) -> String {
+        let r = self.login(username, password);
+        assert_eq!(r.status, 200, "login {username}: {}", r.body);
+        r.json()["token"].as_str().unwrap().to_string()
+    }
+
+    /// Changes the password of the human behind `jwt`; returns the new JWT (the old one, and
+    /// every other session of the account, stop working).
+    pub fn change_password(&self, jwt: &str, current: &str, new: &str) -> String {
+        let r = self.post(
+            "/api/users/me/password",
+            jwt,
+            json!({"current_password": current, "new_password": new}),
+        );
+        assert_eq!(r.status, 200, "password change: {}", r.body);
         r.json()["token"].as_str().unwrap().to_string()
     }
 
@@ -310,11 +327,11 @@ impl Server {
         let r = self.post(
             "/api/users",
             admin,
-            json!({"username": name, "password": "pw-123456", "role": role}),
+            json!({"username": name, "password": "pw-123456-long", "role": role}),
         );
         assert_eq!(r.status, 201, "create {name}: {}", r.body);
         let id = r.json()["id"].as_i64().unwrap();
-        let t = self.login(name, "pw-123456");
+        let t = self.login(name, "pw-123456-long");
         assert_eq!(t.status, 200);
         (id, t.json()["token"].as_str().unwrap().to_string())
     }
