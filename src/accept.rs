@@ -15,7 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::app::{App, THREAD_STACK};
-use crate::head::{read_head, respond_error, Head, HeadError};
+use crate::head::{read_head, respond_error, Head, HeadError, HEAD_DEADLINE};
+
+/// The head deadline while most connection slots are taken.
+const SHORT_HEAD_DEADLINE: Duration = Duration::from_secs(2);
 use crate::http::bridge::Bridge;
 use crate::log_warn;
 
@@ -110,7 +113,7 @@ impl Slot {
             app.hub.metrics.limit("max_connections");
             return None; // the drop gives the global slot back
         }
-        if app.trusts(peer) || slot.count(peer) {
+        if app.trusts(peer) || slot.count(crate::auth::address_key(peer)) {
             Some(slot)
         } else {
             None
@@ -137,7 +140,9 @@ impl Slot {
 
     /// After the head: a proxied connection is counted under its real client.
     fn assign(&mut self, client: IpAddr) -> bool {
-        self.address.is_some() || self.door.app.trusts(client) || self.count(client)
+        self.address.is_some()
+            || self.door.app.trusts(client)
+            || self.count(crate::auth::address_key(client))
     }
 }
 
@@ -161,7 +166,17 @@ impl Drop for Slot {
 
 fn handle_connection(door: &Arc<Door>, mut stream: TcpStream, peer: IpAddr, mut slot: Slot) {
     let app = &door.app;
-    let (head, leftover) = match read_head(&mut stream) {
+    // Under pressure (three quarters of the connection slots taken), a client gets 2 s for
+    // its head instead of 10: slow heads cost a slot each, and the slots are what an attacker
+    // is after.
+    let open = app.hub.open_sockets.load(Relaxed);
+    let deadline = if open * 4 >= app.config.max_connections * 3 {
+        app.hub.metrics.limit("head_deadline_shortened");
+        SHORT_HEAD_DEADLINE
+    } else {
+        HEAD_DEADLINE
+    };
+    let (head, leftover) = match read_head(&mut stream, deadline) {
         Ok(h) => h,
         Err(e) => {
             let (status, message, limit) = match e {

@@ -88,6 +88,28 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
     rx.recv().unwrap_or(false)
 }
 
+/// Verifications queued or running on the password thread.
+static VERIFYING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// At most this many: a caller waits for its verification, and callers are HTTP workers, so
+/// a flood of logins must not tie up more than this many of them (the rest keep serving).
+const MAX_VERIFYING: usize = 4;
+
+/// The password thread has `MAX_VERIFYING` verifications to do already: try again shortly.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PasswordsBusy;
+
+/// `verify_password`, or `PasswordsBusy` at once when the password thread is full.
+pub fn verify_password_if_free(password: &str, hash: &str) -> Result<bool, PasswordsBusy> {
+    use std::sync::atomic::Ordering::SeqCst;
+    if VERIFYING.fetch_add(1, SeqCst) >= MAX_VERIFYING {
+        VERIFYING.fetch_sub(1, SeqCst);
+        return Err(PasswordsBusy);
+    }
+    let ok = verify_password(password, hash);
+    VERIFYING.fetch_sub(1, SeqCst);
+    Ok(ok)
+}
+
 enum PasswordJob {
     Hash(String, crossbeam_channel::Sender<String>),
     Verify(String, String, crossbeam_channel::Sender<bool>),
@@ -142,12 +164,10 @@ fn verify_now(password: &str, hash: &str) -> bool {
     }
 }
 
-/// Burns the same time as a real verification so a login for an unknown user cannot be told
-/// apart from a wrong password by timing.
-pub fn verify_password_dummy(password: &str) {
+/// The hash an unknown user's login is checked against, so that it takes as long.
+pub fn dummy_hash() -> &'static str {
     static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let hash = DUMMY.get_or_init(|| hash_password("echocenter-dummy-password"));
-    let _ = verify_password(password, hash);
+    DUMMY.get_or_init(|| hash_password("echocenter-dummy-password"))
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -306,13 +326,37 @@ pub fn parse_bearer(header: Option<&str>) -> Result<&str, BearerError> {
     }
 }
 
-/// Failures per client address within a sliding window: after `max` of them, every attempt
-/// from that address is refused until the oldest failure leaves the window. Used for logins
-/// (10 in 5 minutes) and for token authentications (`--max-auth-failures` a minute).
+/// The key per-address limits count under: an IPv4 address, or an IPv6 address's /64 (one
+/// host usually has a whole /64, so counting single IPv6 addresses would limit nothing).
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut o = v6.octets();
+            o[8..].fill(0);
+            IpAddr::V6(std::net::Ipv6Addr::from(o))
+        }
+        v4 => v4,
+    }
+}
+
+/// Failures per client address (`address_key`) within a sliding window: after `max` of them,
+/// every attempt from that address is refused until the oldest failure leaves the window.
+/// Used for logins (10 in 5 minutes) and for token authentications (`--max-auth-failures` a
+/// minute).
+///
+/// Memory is bounded without ever scanning: addresses live in two generations; a new
+/// generation starts every window (or when the current one is full), the one before it is
+/// dropped, and an address seen again is carried into the current one.
 pub struct FailureLimiter {
     max: usize,
     window: Duration,
-    failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
+    failures: Mutex<Generations>,
+}
+
+struct Generations {
+    current: HashMap<IpAddr, VecDeque<Instant>>,
+    previous: HashMap<IpAddr, VecDeque<Instant>>,
+    started: Instant,
 }
 
 /// An attempt taken from a `FailureLimiter` before the check it guards. It counts as a
@@ -320,19 +364,23 @@ pub struct FailureLimiter {
 /// while their (slow) verifications run; `release` gives it back.
 pub struct Attempt<'a> {
     limiter: &'a FailureLimiter,
-    ip: IpAddr,
+    key: IpAddr,
     at: Instant,
 }
 
 impl FailureLimiter {
-    /// Above this many tracked addresses, addresses whose window has passed are dropped.
-    const MAX_ADDRESSES: usize = 100_000;
+    /// Most addresses one generation holds.
+    const GENERATION_SIZE: usize = 50_000;
 
     pub fn new(max: usize, window: Duration) -> FailureLimiter {
         FailureLimiter {
             max,
             window,
-            failures: Mutex::new(HashMap::new()),
+            failures: Mutex::new(Generations {
+                current: HashMap::new(),
+                previous: HashMap::new(),
+                started: Instant::now(),
+            }),
         }
     }
 
@@ -343,43 +391,56 @@ impl FailureLimiter {
 
     /// `Some(seconds to wait)` when the address is locked out.
     pub fn retry_after(&self, ip: IpAddr) -> Option<u64> {
-        let mut map = self.lock();
-        self.locked(&mut map, ip)
+        let mut g = self.lock();
+        self.locked(self.entry(&mut g, address_key(ip)))
     }
 
     pub fn record_failure(&self, ip: IpAddr) {
-        let mut map = self.lock();
-        self.push(&mut map, ip, Instant::now());
+        let mut g = self.lock();
+        let list = self.entry(&mut g, address_key(ip));
+        self.push(list, Instant::now());
     }
 
     /// Takes an attempt, or says how long to wait when the address is locked out.
     pub fn reserve(&self, ip: IpAddr) -> Result<Attempt<'_>, u64> {
-        let mut map = self.lock();
-        if let Some(wait) = self.locked(&mut map, ip) {
+        let key = address_key(ip);
+        let mut g = self.lock();
+        let list = self.entry(&mut g, key);
+        if let Some(wait) = self.locked(list) {
             return Err(wait);
         }
         let at = Instant::now();
-        self.push(&mut map, ip, at);
+        self.push(list, at);
         Ok(Attempt {
             limiter: self,
-            ip,
+            key,
             at,
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, VecDeque<Instant>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Generations> {
         self.failures.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn locked(&self, map: &mut HashMap<IpAddr, VecDeque<Instant>>, ip: IpAddr) -> Option<u64> {
-        let list = map.get_mut(&ip)?;
+    /// The failures of `key`, in the current generation (starting a new one if due), with
+    /// those older than the window dropped.
+    fn entry<'g>(&self, g: &'g mut Generations, key: IpAddr) -> &'g mut VecDeque<Instant> {
+        if g.started.elapsed() >= self.window || g.current.len() >= Self::GENERATION_SIZE {
+            g.previous = std::mem::take(&mut g.current);
+            g.started = Instant::now();
+        }
+        if !g.current.contains_key(&key) {
+            let carried = g.previous.remove(&key).unwrap_or_default();
+            g.current.insert(key, carried);
+        }
+        let list = g.current.get_mut(&key).expect("inserted above");
         while list.front().is_some_and(|t| t.elapsed() >= self.window) {
             list.pop_front();
         }
-        if list.is_empty() {
-            map.remove(&ip);
-            return None;
-        }
+        list
+    }
+
+    fn locked(&self, list: &VecDeque<Instant>) -> Option<u64> {
         if list.len() < self.max {
             return None;
         }
@@ -392,11 +453,7 @@ impl FailureLimiter {
         )
     }
 
-    fn push(&self, map: &mut HashMap<IpAddr, VecDeque<Instant>>, ip: IpAddr, at: Instant) {
-        if map.len() > Self::MAX_ADDRESSES {
-            map.retain(|_, list| list.back().is_some_and(|t| t.elapsed() < self.window));
-        }
-        let list = map.entry(ip).or_default();
+    fn push(&self, list: &mut VecDeque<Instant>, at: Instant) {
         list.push_back(at);
         while list.len() > self.max {
             list.pop_front();
@@ -407,14 +464,10 @@ impl FailureLimiter {
 impl Attempt<'_> {
     /// The attempt did not fail (it passed, or never got to the check): it no longer counts.
     pub fn release(self) {
-        let mut map = self.limiter.lock();
-        if let Some(list) = map.get_mut(&self.ip) {
-            if let Some(i) = list.iter().position(|t| *t == self.at) {
-                list.remove(i);
-            }
-            if list.is_empty() {
-                map.remove(&self.ip);
-            }
+        let mut g = self.limiter.lock();
+        let list = self.limiter.entry(&mut g, self.key);
+        if let Some(i) = list.iter().position(|t| *t == self.at) {
+            list.remove(i);
         }
     }
 }
@@ -494,6 +547,29 @@ mod tests {
         assert!(l.retry_after(ip).is_none());
         // Other addresses are not affected.
         assert!(l.reserve("10.0.0.2".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64() {
+        let l = FailureLimiter::new(2, Duration::from_secs(60));
+        l.record_failure("2001:db8:1:2::1".parse().unwrap());
+        l.record_failure("2001:db8:1:2:ffff::9".parse().unwrap());
+        assert!(l.retry_after("2001:db8:1:2::77".parse().unwrap()).is_some());
+        assert!(l.retry_after("2001:db8:1:3::1".parse().unwrap()).is_none());
+        assert_eq!(
+            address_key("::ffff:10.1.2.3".parse().unwrap()),
+            "10.1.2.3".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn many_addresses_never_grow_the_limiter_without_bound() {
+        let l = FailureLimiter::new(3, Duration::from_secs(600));
+        for i in 0..200_000u32 {
+            l.record_failure(IpAddr::from(i.to_be_bytes()));
+        }
+        let g = l.lock();
+        assert!(g.current.len() + g.previous.len() <= 2 * FailureLimiter::GENERATION_SIZE);
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub struct Config {
     /// Test only: `POST /api/test/panic` makes the HTTP worker that handles it panic, so a
     /// test can show that REST survives its workers dying.
     pub fault_injection: bool,
+    /// Bytes of log content one sender may store per second (SYSTEM_LOG and POST
+    /// /api/messages together; bursts of 4 seconds' worth).
+    pub max_log_bytes_per_second: usize,
     /// How long dashboard logs and chat history are kept (None: for ever).
     pub retain_logs: Option<Duration>,
     pub retain_chat: Option<Duration>,
@@ -324,6 +327,13 @@ impl<'a> Loader<'a> {
                 ),
             });
         }
+        let max_log_bytes_per_second = self.number(
+            "--max-log-bytes-per-second",
+            "ECHOCENTER_MAX_LOG_BYTES_PER_SECOND",
+            256 * 1024,
+            1024,
+            1 << 30,
+        )?;
         let retain_logs = self.retention("--retain-logs", "ECHOCENTER_RETAIN_LOGS", 30)?;
         let retain_chat = self.retention("--retain-chat", "ECHOCENTER_RETAIN_CHAT", 365)?;
         let max_log_rows_per_agent = self.number(
@@ -364,6 +374,7 @@ impl<'a> Loader<'a> {
             ws_idle_timeout,
             conformance_echo,
             fault_injection,
+            max_log_bytes_per_second,
             retain_logs,
             retain_chat,
             max_log_rows_per_agent: (max_log_rows_per_agent > 0)

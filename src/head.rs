@@ -124,9 +124,10 @@ pub enum HeadError {
     Closed,
 }
 
-/// Reads until the end of the head, at most `MAX_HEAD_BYTES`, within `HEAD_DEADLINE`.
-pub fn read_head(stream: &mut TcpStream) -> Result<(Head, Vec<u8>), HeadError> {
-    let deadline = Instant::now() + HEAD_DEADLINE;
+/// Reads until the end of the head, at most `MAX_HEAD_BYTES`, within `within` (normally
+/// `HEAD_DEADLINE`).
+pub fn read_head(stream: &mut TcpStream, within: Duration) -> Result<(Head, Vec<u8>), HeadError> {
+    let deadline = Instant::now() + within;
     let mut buf = vec![0u8; MAX_HEAD_BYTES];
     let mut filled = 0;
     loop {

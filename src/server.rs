@@ -32,8 +32,8 @@ pub fn serve(config: Config) -> Result<(), String> {
     let store = bootstrap::open_store(&config)?;
     // The port first: a start that cannot listen must not bootstrap (and print a production
     // admin password that then nobody can use).
-    let listener = TcpListener::bind(&config.addr)
-        .map_err(|e| format!("cannot listen on {}: {e}", config.addr))?;
+    let listener =
+        listen(&config.addr).map_err(|e| format!("cannot listen on {}: {e}", config.addr))?;
     bootstrap::first_run(&store, &config)?;
     // Nothing is connected yet, whatever a crashed run left in the database.
     store.clear_presence().map_err(|e| e.to_string())?;
@@ -56,7 +56,11 @@ pub fn serve(config: Config) -> Result<(), String> {
         bootstrap::jwt_generation(&store)?,
     );
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let hub = Hub::new(store.clone(), Arc::new(Metrics::default()));
+    let hub = Hub::new(
+        store.clone(),
+        Arc::new(Metrics::default()),
+        config.max_log_bytes_per_second,
+    );
     let socket_dir = private_dir()?;
     let app = Arc::new(App {
         token_failures: FailureLimiter::new(config.max_auth_failures, Duration::from_secs(60)),
@@ -96,6 +100,28 @@ pub fn serve(config: Config) -> Result<(), String> {
     shutdown(&app, &bridge, local);
     let _ = std::fs::remove_dir_all(&socket_dir);
     Ok(())
+}
+
+/// Connections a burst may leave waiting for `accept` before the kernel drops SYNs (std's
+/// `TcpListener::bind` leaves 128; clients then wait a second for a SYN retransmit). The
+/// kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: i32 = 4096;
+
+fn listen(addr: &str) -> io::Result<TcpListener> {
+    use std::net::ToSocketAddrs;
+    let addr = addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address"))?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// Where a person on this machine opens the dashboard.

@@ -28,6 +28,8 @@ fn metric(s: &Server, name: &str) -> f64 {
 fn a_human_that_never_reads_is_closed_with_1013_while_everyone_else_keeps_going() {
     let s = Server::start_with(
         &[
+            "--max-log-bytes-per-second",
+            "1073741824",
             "--metrics-token",
             METRICS,
             "--max-frames-per-second",

@@ -185,6 +185,42 @@ fn a_small_chunked_body_is_decoded_by_the_bridge() {
 }
 
 #[test]
+fn a_chunk_size_near_2_to_the_64_after_some_body_is_too_large_not_unlimited() {
+    let mut s = Server::start();
+    let before = rss_kib(s.pid());
+    for size in ["ffffffffffffffff", "fffffffffffffffff", "fffffffffff00000"] {
+        let mut c = TcpStream::connect(&s.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(
+            format!("POST /api/auth/login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nA\r\n{size}\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        // What a wrapped check would let through: 64 MiB more, which the server must not take.
+        let block = vec![b'B'; 1 << 20];
+        for _ in 0..64 {
+            c.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+            if c.write_all(&block).is_err() {
+                break;
+            }
+        }
+        let raw = read_all(&mut c);
+        assert_eq!(
+            status_of(&raw),
+            Some(413),
+            "{size}: {}",
+            String::from_utf8_lossy(&raw)
+        );
+    }
+    assert!(alive(&mut s));
+    let after = rss_kib(s.pid());
+    assert!(
+        after < before + 64 * 1024,
+        "RSS grew from {before} to {after} KiB"
+    );
+}
+
+#[test]
 fn broken_chunked_bodies_are_400() {
     let s = Server::start();
     for body in [
@@ -278,7 +314,15 @@ fn slow_bodies_from_many_clients_do_not_take_rest_down() {
 
 #[test]
 fn clients_that_never_read_a_large_response_do_not_hold_the_workers() {
-    let s = Server::start_with(&["--max-message-bytes", "1048576"], &[]);
+    let s = Server::start_with(
+        &[
+            "--max-message-bytes",
+            "1048576",
+            "--max-log-bytes-per-second",
+            "1073741824",
+        ],
+        &[],
+    );
     let admin = s.admin_token();
     // Log lines that are long once escaped (control characters take six bytes in JSON): a
     // page of them is a response of several MiB.
@@ -311,7 +355,7 @@ fn clients_that_never_read_a_large_response_do_not_hold_the_workers() {
 
 #[test]
 fn a_page_of_logs_has_a_byte_budget_and_posted_lines_the_websocket_limit() {
-    let s = Server::start();
+    let s = Server::start_with(&["--max-log-bytes-per-second", "1073741824"], &[]);
     let admin = s.admin_token();
     // POST /api/messages takes what a WebSocket message may hold (--max-message-bytes, 64 KiB
     // by default), not the 1 MiB of other bodies.
@@ -499,28 +543,80 @@ fn websocket_token_guesses_count_too() {
 }
 
 #[test]
-fn parallel_bad_logins_get_exactly_ten_verifications() {
+fn parallel_bad_logins_get_at_most_ten_verifications_and_never_all_the_workers() {
     let s = Server::start();
     let addr = s.addr.clone();
     let body = json!({"username": "admin", "password": "wrong-password"}).to_string();
+    let login = {
+        let (addr, body) = (addr.clone(), body.clone());
+        move || {
+            let req = format!(
+                "POST /api/auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            status_of(&exchange(&addr, req.as_bytes(), Duration::from_secs(30)))
+        }
+    };
     let handles: Vec<_> = (0..30)
         .map(|_| {
-            let (addr, body) = (addr.clone(), body.clone());
-            std::thread::spawn(move || {
-                let req = format!(
-                    "POST /api/auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                status_of(&exchange(&addr, req.as_bytes(), Duration::from_secs(30)))
-            })
+            let login = login.clone();
+            std::thread::spawn(login)
         })
         .collect();
     let statuses: Vec<Option<u16>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    let refused = statuses.iter().filter(|s| **s == Some(401)).count();
-    let limited = statuses.iter().filter(|s| **s == Some(429)).count();
-    assert_eq!((refused, limited), (10, 20), "{statuses:?}");
+    let count = |code: u16| statuses.iter().filter(|s| **s == Some(code)).count();
+    // Each attempt is taken before its verification, so at most 10 were verified; the rest
+    // were refused at once, as over the limit (429) or as more than the password thread
+    // takes at a time (503, which does not count as a failure).
+    assert!(count(401) <= 10, "{statuses:?}");
+    assert_eq!(count(401) + count(429) + count(503), 30, "{statuses:?}");
+    // Retried one at a time until locked out: exactly 10 failures in all, then 429.
+    let mut failures = count(401);
+    loop {
+        match login() {
+            Some(401) => failures += 1,
+            Some(429) => break,
+            Some(503) => continue,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(failures, 10);
     // The right password is refused too until the window passes: the limit is per address.
     assert_eq!(s.login("admin", "admin123").status, 429);
+}
+
+#[test]
+fn a_login_flood_leaves_workers_for_everything_else() {
+    let s = Server::start();
+    let body = json!({"username": "admin", "password": "wrong-password"}).to_string();
+    // 40 addresses × 3 bad logins at once: far more than the password thread can take.
+    let handles: Vec<_> = (0..40)
+        .map(|i| {
+            let (addr, body) = (s.addr.clone(), body.clone());
+            std::thread::spawn(move || {
+                for _ in 0..3 {
+                    let mut c = connect_from(&format!("127.0.1.{}", 10 + i), &addr);
+                    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    let req = format!(
+                        "POST /api/auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = c.write_all(req.as_bytes());
+                    let _ = read_all(&mut c);
+                }
+            })
+        })
+        .collect();
+    // Meanwhile REST answers.
+    for _ in 0..5 {
+        assert!(
+            ping_answers(&s, Duration::from_secs(5)),
+            "ping stalled behind the logins"
+        );
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
 }
 
 // ----- heads ------------------------------------------------------------------------------
@@ -684,4 +780,214 @@ fn a_reset_invalidates_every_jwt_issued_before_it() {
     let s = s.restart(&[], &[]);
     assert_eq!(s.get("/api/users/me", &fresh_admin).status, 200);
     assert_eq!(s.get("/api/users/me", &member).status, 401);
+}
+
+// ----- found by the red team ------------------------------------------------------------
+
+#[test]
+fn one_sender_cannot_store_logs_faster_than_its_byte_rate() {
+    let s = Server::start_with(&["--max-log-bytes-per-second", "16384"], &[]);
+    let admin = s.admin_token();
+    let (_, token) = s.register_agent(&admin, "chatty");
+    let mut agent = s.ws(&token);
+    let line = "x".repeat(8000);
+    // The burst is 4 s of the rate (64 KiB): eight 8 KB lines pass, then they are refused.
+    let frames: Vec<Value> = (0..20)
+        .map(|i| json!({"type": "SYSTEM_LOG", "payload": line, "local_id": format!("l{i}")}))
+        .collect();
+    agent.send_burst(&frames);
+    let mut acked = 0;
+    let mut refused = Vec::new();
+    while acked + refused.len() < 20 {
+        let f = agent.recv_until(|v| v["type"] == "ACK" || v["type"] == "ERROR", "an answer");
+        if f["type"] == "ACK" {
+            acked += 1;
+        } else {
+            assert_eq!(f["payload"]["code"], "rate_limited", "{f}");
+            refused.push(f["local_id"].as_str().unwrap().to_string());
+        }
+    }
+    assert!((7..=9).contains(&acked), "{acked} stored");
+    // REST posts from the same sender share its budget.
+    let r = s.post("/api/messages", &token, json!({"content": line}));
+    assert_eq!(
+        (r.status, r.error()),
+        (429, "too many log bytes; retry later".into())
+    );
+    assert!(r.header("Retry-After").is_some());
+    // Others are not affected.
+    let r = s.post(
+        "/api/messages",
+        &admin,
+        json!({"agent_id": "a", "content": "hi"}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+#[test]
+fn pings_count_against_the_frame_rate() {
+    use tungstenite::Message;
+    let s = Server::start_with(&["--max-frames-per-second", "5"], &[]);
+    let admin = s.admin_token();
+    let mut h = s.ws(&admin);
+    for _ in 0..60 {
+        h.inner.send(Message::Ping(vec![1, 2, 3].into())).unwrap();
+    }
+    let mut pongs = 0;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match h.inner.read() {
+            Ok(Message::Pong(_)) => pongs += 1,
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // The burst allowance (2 s of 5/s) and a little refill: nowhere near 60.
+    assert!((8..=20).contains(&pongs), "{pongs} pongs for 60 pings");
+}
+
+#[test]
+fn a_flood_of_empty_fragments_is_closed_with_1009() {
+    let s = Server::start_with(&["--metrics-token", METRICS], &[]);
+    let admin = s.admin_token();
+    let mut h = s.ws(&admin);
+    // The start of a fragmented text message, then empty continuations (FIN 0, opcode 0,
+    // masked, length 0: six bytes each): tungstenite takes them without a message for the
+    // session to count, so they would cost CPU for ever. 8 MiB of them.
+    h.inner
+        .write(tungstenite::Message::Frame(
+            tungstenite::protocol::frame::Frame::message(
+                b"{".to_vec(),
+                tungstenite::protocol::frame::coding::OpCode::Data(
+                    tungstenite::protocol::frame::coding::Data::Text,
+                ),
+                false,
+            ),
+        ))
+        .unwrap();
+    h.inner.flush().unwrap();
+    let empty_continuations: Vec<u8> = [0x00u8, 0x80, 1, 2, 3, 4].repeat((8 << 20) / 6);
+    let raw = h.inner.get_mut().try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut raw = raw;
+        raw.set_write_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let _ = raw.write_all(&empty_continuations);
+    });
+    assert_eq!(h.recv_close(), Some(1009));
+    assert_eq!(
+        metric(&s, "echocenter_limit_trips_total{limit=\"fragment_flood\"}"),
+        1.0
+    );
+    sender.join().unwrap();
+    // A large message cut into many small fragments is still fine.
+    let mut h = s.ws(&admin);
+    let text = json!({"type": "SYSTEM_LOG", "payload": "x".repeat(30_000)}).to_string();
+    let bytes = text.as_bytes();
+    for (i, piece) in bytes.chunks(16).enumerate() {
+        let opcode = if i == 0 {
+            tungstenite::protocol::frame::coding::OpCode::Data(
+                tungstenite::protocol::frame::coding::Data::Text,
+            )
+        } else {
+            tungstenite::protocol::frame::coding::OpCode::Data(
+                tungstenite::protocol::frame::coding::Data::Continue,
+            )
+        };
+        let last = (i + 1) * 16 >= bytes.len();
+        h.inner
+            .write(tungstenite::Message::Frame(
+                tungstenite::protocol::frame::Frame::message(piece.to_vec(), opcode, last),
+            ))
+            .unwrap();
+    }
+    h.inner.flush().unwrap();
+    let echoed = h.recv_type("SYSTEM_LOG");
+    assert_eq!(echoed["payload"]["content"].as_str().unwrap().len(), 30_000);
+}
+
+#[test]
+fn under_pressure_a_slow_head_gets_two_seconds_not_ten() {
+    let s = Server::start_with(
+        &["--max-connections", "20", "--trusted-proxies", "none"],
+        &[],
+    );
+    // Fifteen idle sockets: three quarters of the slots.
+    let idle: Vec<TcpStream> = (0..15)
+        .map(|i| connect_from(&format!("127.0.2.{}", 10 + i), &s.addr))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut late = connect_from("127.0.3.1", &s.addr);
+    late.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+    let raw = read_all(&mut late);
+    assert_eq!(
+        status_of(&raw),
+        Some(408),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    drop(idle);
+}
+
+#[test]
+fn slow_readers_of_big_pages_cannot_hold_unbounded_memory() {
+    let mut s = Server::start_with(
+        &[
+            "--max-message-bytes",
+            "1048576",
+            "--max-log-bytes-per-second",
+            "1073741824",
+            "--metrics-token",
+            METRICS,
+        ],
+        &[],
+    );
+    let admin = s.admin_token();
+    // A page of 1.4 MB.
+    let line = "y".repeat(700_000);
+    for _ in 0..3 {
+        let r = s.post(
+            "/api/messages",
+            &admin,
+            json!({"agent_id": "bulk", "content": line}),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let before = rss_kib(s.pid());
+    // 200 clients × 1.4 MB (2 MiB of buffer each) asked for, none read: the budget
+    // (256 MiB) holds.
+    let stuck: Vec<TcpStream> = (0..200)
+        .map(|i| {
+            let mut c = connect_with(&format!("127.0.4.{}", 10 + i % 200), &s.addr, Some(1024));
+            c.write_all(
+                format!("GET /api/messages?limit=200 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin}\r\n\r\n")
+                    .as_bytes(),
+            )
+            .unwrap();
+            c
+        })
+        .collect();
+    s.wait_for(
+        "some pages refused for memory",
+        Duration::from_secs(20),
+        || {
+            metric(
+                &s,
+                "echocenter_limit_trips_total{limit=\"response_memory\"}",
+            ) > 0.0
+        },
+    );
+    let after = rss_kib(s.pid());
+    assert!(
+        after < before + 400 * 1024,
+        "RSS grew from {before} to {after} KiB"
+    );
+    assert!(ping_answers(&s, Duration::from_secs(5)));
+    drop(stuck);
+    assert!(alive(&mut s));
 }

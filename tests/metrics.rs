@@ -282,6 +282,8 @@ fn limit_trips_are_counted() {
 fn slow_consumer_closes_are_counted() {
     let s = Server::start_with(
         &[
+            "--max-log-bytes-per-second",
+            "1073741824",
             "--metrics-token",
             TOKEN,
             "--max-frames-per-second",

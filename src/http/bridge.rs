@@ -29,8 +29,8 @@ use std::net::{IpAddr, Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::app::App;
@@ -56,6 +56,15 @@ const SEND_DEADLINE: Duration = Duration::from_secs(30);
 /// connection reset.
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 4 << 20;
+/// Requests handed to tiny_http at once. Each holds three descriptors across the Unix socket;
+/// the rest wait here, holding only their own socket, for up to `SLOT_WAIT`.
+const EXCHANGE_SLOTS: usize = 32;
+const SLOT_WAIT: Duration = Duration::from_secs(10);
+/// Responses read but not yet taken by their clients, in bytes, across all connections. A
+/// client that reads slowly holds its response in memory; past this, new responses get 503.
+const BUFFERED_RESPONSE_BUDGET: usize = 256 << 20;
+/// The kernel's send buffer for a REST answer (see `Bridge::serve`).
+const SEND_BUFFER_BYTES: usize = 128 << 10;
 
 /// Headers of the client's that are about the connection or the framing (which we replace),
 /// or that only we may set.
@@ -81,11 +90,76 @@ pub struct Bridge {
     current: Mutex<Option<Instance>>,
     restarting: Mutex<()>,
     generation: AtomicU64,
+    slots: Slots,
+    /// Bytes of responses held for clients right now.
+    buffered: AtomicUsize,
+}
+
+/// A counting semaphore: `EXCHANGE_SLOTS` exchanges with tiny_http at once.
+struct Slots {
+    free: Mutex<usize>,
+    returned: Condvar,
+}
+
+impl Slots {
+    fn take(&self, within: Duration) -> Option<SlotGuard<'_>> {
+        let deadline = Instant::now() + within;
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *free == 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            free = self
+                .returned
+                .wait_timeout(free, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *free -= 1;
+        Some(SlotGuard(self))
+    }
+}
+
+struct SlotGuard<'a>(&'a Slots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.0.returned.notify_one();
+    }
+}
+
+/// Bytes of one held response, counted in `Bridge::buffered` until dropped.
+struct Held<'a> {
+    bridge: &'a Bridge,
+    bytes: Vec<u8>,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.bridge
+            .buffered
+            .fetch_sub(self.bytes.capacity(), Relaxed);
+    }
 }
 
 struct Instance {
     server: Arc<tiny_http::Server>,
     path: PathBuf,
+}
+
+/// Why an exchange with tiny_http produced no response to send.
+enum Exchange {
+    Io(io::Error),
+    /// Holding this response would pass `BUFFERED_RESPONSE_BUDGET`.
+    OverBudget,
+}
+
+impl From<io::Error> for Exchange {
+    fn from(e: io::Error) -> Exchange {
+        Exchange::Io(e)
+    }
 }
 
 /// A request refused by the bridge itself, before any worker.
@@ -111,6 +185,11 @@ impl Bridge {
             current: Mutex::new(None),
             restarting: Mutex::new(()),
             generation: AtomicU64::new(0),
+            slots: Slots {
+                free: Mutex::new(EXCHANGE_SLOTS),
+                returned: Condvar::new(),
+            },
+            buffered: AtomicUsize::new(0),
         }
     }
 
@@ -175,9 +254,32 @@ impl Bridge {
         };
         let unread = matches!(body, Body::TooLarge);
         let inner = normalized_request(head, &body, peer);
-        let response = match self.exchange(app, &inner) {
+        let response = {
+            let Some(_slot) = self.slots.take(SLOT_WAIT) else {
+                app.hub.metrics.limit("bridge_busy");
+                respond_error(
+                    &mut client,
+                    503,
+                    "server busy, retry",
+                    &[("Retry-After", "1")],
+                );
+                return;
+            };
+            self.exchange(app, &inner)
+        };
+        let response = match response {
             Ok(r) => r,
-            Err(e) => {
+            Err(Exchange::OverBudget) => {
+                app.hub.metrics.limit("response_memory");
+                respond_error(
+                    &mut client,
+                    503,
+                    "server busy, retry",
+                    &[("Retry-After", "1")],
+                );
+                return;
+            }
+            Err(Exchange::Io(e)) => {
                 log_error!("http: the HTTP layer did not answer: {e}");
                 let (status, body) = match e.kind() {
                     io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
@@ -189,47 +291,60 @@ impl Bridge {
                 return;
             }
         };
-        if send_response(&mut client, &response).is_err() {
+        // A fixed, modest kernel send buffer: what a slow reader has not taken stays in
+        // `response`, where BUFFERED_RESPONSE_BUDGET sees it, instead of up to 4 MiB per
+        // socket of kernel memory that nothing here counts.
+        let _ = socket2::SockRef::from(&client).set_send_buffer_size(SEND_BUFFER_BYTES);
+        if send_response(&mut client, &response.bytes).is_err() {
             app.hub.metrics.limit("send_timeout");
             let _ = client.shutdown(Shutdown::Both);
             return;
         }
+        drop(response);
         if unread {
             linger(&mut client);
         }
     }
 
-    /// One request to tiny_http and its whole response, every step with a deadline.
-    fn exchange(&self, app: &Arc<App>, request: &[u8]) -> io::Result<Vec<u8>> {
+    /// One request to tiny_http and its whole response, every step with a deadline, the
+    /// response counted against `BUFFERED_RESPONSE_BUDGET` while it is held.
+    fn exchange(&self, app: &Arc<App>, request: &[u8]) -> Result<Held<'_>, Exchange> {
         let mut inner = self.connect(app)?;
         let deadline = Instant::now() + WORKER_DEADLINE;
         inner.set_write_timeout(Some(WORKER_DEADLINE))?;
         inner.write_all(request)?;
-        let mut response = Vec::with_capacity(4096);
+        let mut held = Held {
+            bridge: self,
+            bytes: Vec::new(),
+        };
         let mut chunk = [0u8; 16 * 1024];
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(io::ErrorKind::TimedOut.into());
+                return Err(Exchange::Io(io::ErrorKind::TimedOut.into()));
             }
             inner.set_read_timeout(Some(left))?;
-            match inner.read(&mut chunk) {
+            let n = match inner.read(&mut chunk) {
                 Ok(0) => break,
-                Ok(n) => response.extend_from_slice(&chunk[..n]),
+                Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-            if response.len() > MAX_RESPONSE_BYTES {
-                return Err(io::Error::other("response too large"));
+                Err(e) => return Err(e.into()),
+            };
+            let before = held.bytes.capacity();
+            held.bytes.extend_from_slice(&chunk[..n]);
+            let grown = held.bytes.capacity() - before;
+            let total = self.buffered.fetch_add(grown, Relaxed) + grown;
+            if total > BUFFERED_RESPONSE_BUDGET || held.bytes.len() > MAX_RESPONSE_BYTES {
+                return Err(Exchange::OverBudget);
             }
         }
-        if response.is_empty() {
-            return Err(io::Error::new(
+        if held.bytes.is_empty() {
+            return Err(Exchange::Io(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "empty response",
-            ));
+            )));
         }
-        Ok(response)
+        Ok(held)
     }
 
     /// A connection to tiny_http, restarting it if its socket no longer answers.
@@ -434,7 +549,10 @@ fn read_chunked(input: &mut Input, mut body: Vec<u8>) -> Result<Body, Refusal> {
         if size == 0 {
             break;
         }
-        if body.len() as u64 + size > MAX_BODY_BYTES as u64 {
+        // Compared without adding: `len + size` wraps for sizes near 2^64 (release builds
+        // do not check), and a wrapped sum would let any size through.
+        let room = (MAX_BODY_BYTES - body.len()) as u64;
+        if size > room {
             return Ok(Body::TooLarge);
         }
         input.take(size as usize, &mut body)?;

@@ -521,17 +521,24 @@ fn verify_login(ctx: &Ctx) -> Result<Option<UserRow>> {
         return Err(Reply::error(400, "invalid request body"));
     }
     let found = ctx.app.store.password_hash(&req.username)?;
-    let verified = match &found {
-        Some((_, hash)) => auth::verify_password(&req.password, hash),
-        None => {
-            auth::verify_password_dummy(&req.password);
-            false
-        }
-    };
+    // An unknown user is checked against a dummy hash: it takes as long as a wrong password.
+    let hash = found
+        .as_ref()
+        .map_or(auth::dummy_hash(), |(_, h)| h.as_str());
+    let verified = check_password(ctx, &req.password, hash)?;
     match (verified, found) {
         (true, Some((id, _))) => Ok(ctx.app.store.user_by_id(id)?),
         _ => Ok(None),
     }
+}
+
+/// A password check, or 503 when the password thread is full (a login flood must not tie up
+/// every HTTP worker).
+fn check_password(ctx: &Ctx, password: &str, hash: &str) -> Result<bool> {
+    auth::verify_password_if_free(password, hash).map_err(|auth::PasswordsBusy| {
+        ctx.app.hub.metrics.limit("login_busy");
+        Reply::error(503, "server busy, retry").with_header("Retry-After", "1".into())
+    })
 }
 
 /// For load balancers and systemd: 200 when a read answers and the writer commits within
@@ -622,6 +629,10 @@ fn post_log(ctx: &Ctx) -> Result<Reply> {
     };
     let level = crate::hub::normalize_level(req.level.as_deref().filter(|l| !l.is_empty()))
         .ok_or_else(|| Reply::error(400, "invalid level"))?;
+    if !ctx.app.hub.allow_log(who.id, req.content.len()) {
+        return Err(Reply::error(429, "too many log bytes; retry later")
+            .with_header("Retry-After", "1".into()));
+    }
     let log = NewLog {
         sender_id: Some(who.id),
         agent_id,
@@ -748,7 +759,14 @@ fn change_my_password(ctx: &Ctx) -> Result<Reply> {
         }
     };
     let current = ctx.app.store.password_hash_of(me.id)?.unwrap_or_default();
-    if !auth::verify_password(&req.current_password, &current) {
+    let verified = match check_password(ctx, &req.current_password, &current) {
+        Ok(v) => v,
+        Err(busy) => {
+            attempt.release();
+            return Err(busy);
+        }
+    };
+    if !verified {
         return Err(Reply::error(401, "invalid credentials"));
     }
     attempt.release();

@@ -100,6 +100,7 @@ impl Route {
 pub struct Hub {
     pub store: Store,
     pub metrics: Arc<Metrics>,
+    log_rates: LogRates,
     registry: RwLock<Registry>,
     presence: Mutex<()>,
     directory: Mutex<HashMap<i64, (Instant, Target)>>,
@@ -109,10 +110,11 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(store: Store, metrics: Arc<Metrics>) -> Arc<Hub> {
+    pub fn new(store: Store, metrics: Arc<Metrics>, log_bytes_per_second: usize) -> Arc<Hub> {
         Arc::new(Hub {
             store,
             metrics,
+            log_rates: LogRates::new(log_bytes_per_second as f64),
             registry: RwLock::new(Registry::default()),
             presence: Mutex::new(()),
             directory: Mutex::new(HashMap::new()),
@@ -614,6 +616,12 @@ impl Hub {
     fn system_log(&self, from: &Arc<Conn>, env: Envelope) -> Result<Landing, FrameError> {
         let (level, content) = parse_log_payload(env.payload.as_deref())?;
         let me = &from.principal;
+        if !self.allow_log(me.id, content.len()) {
+            return Err(refuse(
+                Code::RateLimited,
+                "log lines over this sender's bytes per second; this one was dropped",
+            ));
+        }
         let log = NewLog {
             sender_id: Some(me.id),
             agent_id: me.username.clone(),
@@ -642,6 +650,16 @@ impl Hub {
         } else if let Some(local_id) = &log.local_id {
             self.ack(from, local_id, stored);
         }
+    }
+
+    /// Whether `user` may store `bytes` more of log content now (`--max-log-bytes-per-second`:
+    /// one sender cannot fill the disk, or flood every dashboard, faster than that).
+    pub fn allow_log(&self, user: i64, bytes: usize) -> bool {
+        let ok = self.log_rates.allow(user, bytes as f64);
+        if !ok {
+            self.metrics.limit("log_rate_limited");
+        }
+        ok
     }
 
     // ----- frames from REST ------------------------------------------------------------
@@ -729,6 +747,37 @@ impl Hub {
         );
         for c in self.humans() {
             c.deliver(frame.to(None));
+        }
+    }
+}
+
+/// A byte budget per sender: `rate` bytes a second, bursts of 4 seconds' worth.
+struct LogRates {
+    rate: f64,
+    buckets: Mutex<HashMap<i64, (f64, Instant)>>,
+}
+
+impl LogRates {
+    fn new(rate: f64) -> LogRates {
+        LogRates {
+            rate,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn allow(&self, user: i64, bytes: f64) -> bool {
+        let burst = 4.0 * self.rate;
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, last) = buckets.entry(user).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(burst);
+        *last = now;
+        // One line larger than the whole burst still goes through when the bucket is full.
+        if *tokens >= bytes.min(burst) {
+            *tokens -= bytes;
+            true
+        } else {
+            false
         }
     }
 }

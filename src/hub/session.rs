@@ -115,6 +115,34 @@ impl Session {
         }
     }
 
+    /// A ping: answered through the writer, within the frame rate like any frame (a ping
+    /// flood gets no pongs, and ten seconds of it closes the connection).
+    pub fn ping(&mut self, data: tungstenite::Bytes) {
+        if !self.is_open() {
+            return;
+        }
+        if self.rate.allow() {
+            self.conn.pong(data);
+            return;
+        }
+        self.hub.metrics.limit("frame_rate_limited");
+        if self.rate.limited_too_long() {
+            self.conn.close(Close::RateLimited);
+            self.open = false;
+        }
+    }
+
+    /// A pong: nothing to do, but it counts against the frame rate.
+    pub fn pong(&mut self) {
+        if self.is_open() && !self.rate.allow() {
+            self.hub.metrics.limit("frame_rate_limited");
+            if self.rate.limited_too_long() {
+                self.conn.close(Close::RateLimited);
+                self.open = false;
+            }
+        }
+    }
+
     /// The reader has nothing more buffered: route every frame in flight.
     pub fn caught_up(&mut self) {
         self.land_all();

@@ -60,7 +60,7 @@ pub fn serve_echo(app: &Arc<App>, mut stream: TcpStream, head: Head, leftover: V
         });
     let Ok(writer) = writer else { return };
     let mut ws = WebSocket::from_partially_read(
-        ReadHalf::new(stream.clone()),
+        ReadHalf::new(stream.clone(), app.config.max_message_bytes),
         leftover,
         WsRole::Server,
         Some(ws_config(app)),

@@ -225,7 +225,7 @@ fn run_connection(
         }
     };
     let mut ws = WebSocket::from_partially_read(
-        ReadHalf::new(stream),
+        ReadHalf::new(stream, app.config.max_message_bytes),
         leftover,
         WsRole::Server,
         Some(ws_config(app)),
@@ -245,16 +245,40 @@ fn run_connection(
 /// While `buffered_only` is set, a read that would need the socket fails with `WouldBlock`
 /// instead of blocking: tungstenite then hands out only the frames already in its buffer,
 /// and keeps a partial one for later (it supports non-blocking streams).
+///
+/// Every message the session sees is counted against the frame rate, but tungstenite takes
+/// continuation frames (and their fragments' headers) without returning anything, so a
+/// client could make the reader parse millions of empty fragments a second. The reader
+/// resets `since_message` whenever a message comes out; past `max_since_message` bytes
+/// without one, the read fails (`FragmentFlood`) and the connection is closed (1009).
 struct ReadHalf {
     stream: Arc<TcpStream>,
     buffered_only: bool,
+    since_message: usize,
+    max_since_message: usize,
 }
 
+/// The error `ReadHalf` fails with when too many bytes came without a message.
+#[derive(Debug)]
+struct FragmentFlood;
+
+impl std::fmt::Display for FragmentFlood {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("too many bytes without a complete message")
+    }
+}
+
+impl std::error::Error for FragmentFlood {}
+
 impl ReadHalf {
-    fn new(stream: Arc<TcpStream>) -> ReadHalf {
+    fn new(stream: Arc<TcpStream>, max_message_bytes: usize) -> ReadHalf {
         ReadHalf {
             stream,
             buffered_only: false,
+            since_message: 0,
+            // A message at its largest, cut into one-byte fragments (seven bytes each with
+            // their masked headers), fits; nothing an honest client sends comes near.
+            max_since_message: 8 * max_message_bytes + 64 * 1024,
         }
     }
 }
@@ -264,7 +288,12 @@ impl Read for ReadHalf {
         if self.buffered_only {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        (&*self.stream).read(buf)
+        if self.since_message > self.max_since_message {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, FragmentFlood));
+        }
+        let n = (&*self.stream).read(buf)?;
+        self.since_message += n;
+        Ok(n)
     }
 }
 

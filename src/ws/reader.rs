@@ -31,6 +31,13 @@ pub fn run(app: &App, conn: &Arc<Conn>, ws: &mut WebSocket<ReadHalf>) {
                 continue;
             }
             Err(tungstenite::Error::Capacity(_)) => break End::TooBig,
+            Err(tungstenite::Error::Io(e))
+                if e.get_ref()
+                    .is_some_and(|inner| inner.is::<super::FragmentFlood>()) =>
+            {
+                app.hub.metrics.limit("fragment_flood");
+                break End::TooBig;
+            }
             Err(tungstenite::Error::Utf8(_)) => break End::InvalidUtf8,
             Err(tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
                 break End::Gone
@@ -42,11 +49,14 @@ pub fn run(app: &App, conn: &Arc<Conn>, ws: &mut WebSocket<ReadHalf>) {
             Err(_) => break End::Gone,
         };
         conn.touch();
+        ws.get_mut().since_message = 0;
         match &message {
             Message::Text(t) => session.take(Inbound::Text(t.as_str())),
             Message::Binary(b) => session.take(Inbound::Binary(b)),
-            Message::Ping(data) => conn.pong(data.clone()),
-            Message::Pong(_) | Message::Frame(_) => {}
+            Message::Ping(data) => session.ping(data.clone()),
+            // An unasked-for pong counts against the frame rate like a ping.
+            Message::Pong(_) => session.pong(),
+            Message::Frame(_) => {}
             Message::Close(frame) => {
                 break End::PeerClosed(frame.as_ref().map(|f| u16::from(f.code)));
             }
