@@ -198,6 +198,7 @@ test('dashboard: login, agents, live log, streamed chat, approvals, reload, reco
     assert.equal(await page.evaluate(() => navigator.clipboard.readText()), connectLine);
     await page.getByRole('button', { name: 'Copy curl command' }).click();
     await page.locator('#token-copied', { hasText: 'Copied the curl command.' }).waitFor();
+    await page.locator('#token-reveal').screenshot({ path: path.join(SHOTS, 'dashboard-token.png') });
     // The curl command works as pasted: its line shows up live.
     await sh(curlLine);
     await log.locator('.log-row[data-level="INFO"]', { hasText: 'hello' }).filter({ has: page.locator('.src', { hasText: 'e2e-offline' }) }).waitFor();
@@ -291,6 +292,16 @@ test('dashboard: login, agents, live log, streamed chat, approvals, reload, reco
     await log.locator('.log-row[data-level="AUTH"]', { hasText: 'auth response received: approved' }).waitFor();
 
     step('log filters and search');
+    // A time element two hours old: the periodic refresh must rewrite its text (checked later).
+    await page.evaluate(() => {
+      const t = document.createElement('time');
+      t.id = 'e2e-old-time';
+      t.setAttribute('data-rel', '');
+      t.setAttribute('datetime', new Date(Date.now() - 2 * 3600e3 - 5000).toISOString());
+      t.textContent = 'just now';
+      t.hidden = true;
+      document.body.append(t);
+    });
     const levelButton = page.locator('#log-level-btn');
     const levelBox = (name) => page.locator('#log-level-menu').getByRole('checkbox', { name, exact: true });
     /** Waits until the log shows at least one row and every row passes: levels (any of) and text (substring). */
@@ -512,7 +523,12 @@ test('dashboard: login, agents, live log, streamed chat, approvals, reload, reco
     await page.getByLabel('Search agents').fill('');
     await page.waitForFunction(() => document.querySelectorAll('#agent-list > li').length === 48);
 
+    step('relative times are refreshed periodically');
+    await page.waitForFunction(() => document.getElementById('e2e-old-time').textContent === '2 h ago', null, { timeout: 20_000 });
+    await page.evaluate(() => document.getElementById('e2e-old-time').remove());
+
     step('screenshot');
+    await page.evaluate(() => document.activeElement && document.activeElement.blur());
     await page.getByLabel('Chat with', { exact: true }).selectOption({ label: 'e2e-streamer — online' });
     await replyDone.filter({ hasText: final }).waitFor();
     await page.evaluate(() => { const b = document.getElementById('log'); b.scrollTop = b.scrollHeight; });
@@ -571,7 +587,7 @@ test('dashboard: login, agents, live log, streamed chat, approvals, reload, reco
     await levelButton.click();
     await page.waitForFunction(() => document.documentElement.scrollWidth <= window.innerWidth);
     await page.keyboard.press('Escape');
-    await page.evaluate(() => { const b = document.getElementById('log'); b.scrollTop = b.scrollHeight; });
+    await page.evaluate(() => { const b = document.getElementById('log'); b.scrollTop = b.scrollHeight; document.activeElement && document.activeElement.blur(); });
     await page.screenshot({ path: path.join(SHOTS, 'dashboard-mobile.png'), fullPage: true });
     await page.setViewportSize({ width: 1366, height: 900 });
 
@@ -580,7 +596,7 @@ test('dashboard: login, agents, live log, streamed chat, approvals, reload, reco
     await stop(server.child);
     await page.locator('#offline-banner', { hasText: 'Disconnected — presence unknown, reconnecting…' }).waitFor();
     await page.locator('#offline-banner', { hasText: 'Next attempt in' }).waitFor();
-    await page.locator('#conn[data-state="down"]', { hasText: 'Reconnecting in' }).waitFor();
+    await page.locator('#conn[data-state="down"]', { hasText: 'retry in' }).waitFor();
     await page.waitForFunction(() => {
       const cards = [...document.querySelectorAll('#agent-list > li')];
       return cards.length === 48 && cards.every((c) => c.dataset.online === 'unknown');
