@@ -9,6 +9,8 @@ tells agents to be written (websocket-client, one WebSocket, JSON frames).
   It also logs one SYSTEM_LOG per CHAT handled.
 - With --auth-request-to USER_ID (run it with the Butler's token) it also sends an
   AUTH_REQUEST to that human and logs the AUTH_RESPONSE it gets back as a SYSTEM_LOG.
+- With --connect URL it connects to that exact URL: the connect line the dashboard's token
+  card shows (ws://HOST/api/ws?token=...), so the test proves that line works as printed.
 
 It prints one line per event on stdout and exits 0 when the server closes the connection.
 """
@@ -32,15 +34,19 @@ def send(ws, frame):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--url", required=True, help="server base, e.g. ws://127.0.0.1:8080")
-    ap.add_argument("--token", required=True)
+    ap.add_argument("--url", help="server base, e.g. ws://127.0.0.1:8080")
+    ap.add_argument("--token")
+    ap.add_argument("--connect", help="the whole connect line instead of --url and --token, "
+                    "e.g. ws://127.0.0.1:8080/api/ws?token=ec_... (as the dashboard's token card shows it)")
     ap.add_argument("--name", default="agent")
     ap.add_argument("--delay", type=float, default=0.4)
     ap.add_argument("--auth-request-to", type=int, default=0)
     ap.add_argument("--command", default="systemctl restart storage")
     args = ap.parse_args()
+    if not args.connect and not (args.url and args.token):
+        ap.error("give --connect, or --url and --token")
 
-    ws = websocket.create_connection(f"{args.url}/api/ws?token={args.token}")
+    ws = websocket.create_connection(args.connect or f"{args.url}/api/ws?token={args.token}")
     say("connected")
     send(ws, {"type": "SYSTEM_LOG", "payload": {"level": "SUCCESS", "content": f"{args.name} online"}})
 
