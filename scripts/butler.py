@@ -620,7 +620,8 @@ class Butler:
             note = Request({"id": msg["sender_id"], "name": who,
                             "role": msg.get("sender_role")},
                            msg.get("conversation_id"), None, "")
-            self.tell(note, f"Only {req.human['name']} or an admin can decide that request.")
+            self.tell(note, f"Only {req.human['name']} (who asked) or an admin can decide that "
+                            "request.")
             return
         del self.by_action[action_id]
         self.remember_action(action_id)
