@@ -922,3 +922,149 @@ fn a_rejected_token_or_the_wrong_role_ends_the_butler_with_a_status_that_says_so
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+// -------------------------------------------------------------------------------------------
+// demo.sh
+// -------------------------------------------------------------------------------------------
+
+/// A request to a server this test did not start (demo.sh's); small JSON bodies only.
+fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let raw = exchange(addr, req.as_bytes(), Duration::from_secs(10));
+    let status = status_of(&raw).unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&raw)));
+    (
+        status,
+        serde_json::from_str(&body_of(&raw)).unwrap_or(Value::Null),
+    )
+}
+
+/// True while `pid` is a live (not zombie) process.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
+            !matches!(state, Some(Some('Z')))
+        }
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn the_demo_runs_the_butler_and_its_approval_flow_works() {
+    let tmp = TempDir::new();
+    let err_path = tmp.path().join("demo.err");
+    let mut cmd = command("bash");
+    cmd.arg(script("demo.sh"))
+        .env("ECHOCENTER_BIN", server_bin())
+        .env("ECHOCENTER_PYTHON", python())
+        .env("TMPDIR", tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&err_path).unwrap());
+    for var in [
+        "ECHOCENTER_ADMIN_USER",
+        "ECHOCENTER_ADMIN_PASSWORD",
+        "ECHOCENTER_DEMO_PORT",
+        "ECHOCENTER_DEMO_HOST",
+        "ECHOCENTER_DEMO_KEEP",
+    ] {
+        cmd.env_remove(var);
+    }
+    let mut demo = Guard(Some(cmd.spawn().expect("start demo.sh")));
+    let out = demo.0.as_mut().unwrap().stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !lines.iter().any(|l| l.starts_with("Press Ctrl-C")) {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => lines.push(line),
+            Err(e) => panic!(
+                "demo.sh never got ready ({e:?}): {lines:#?}\n{}",
+                read(&err_path)
+            ),
+        }
+    }
+    let field = |name: &str| -> String {
+        lines
+            .iter()
+            .find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("no {name:?} line in {lines:#?}"))
+    };
+    let base = field("EchoCenter demo ready:");
+    let addr = base
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let butler_pid: u32 = field("butler pid:").parse().unwrap();
+    let data_dir = PathBuf::from(field("data dir:").split(' ').next().unwrap());
+    assert!(alive(butler_pid));
+    assert!(
+        read(&err_path).contains("the Butler is running"),
+        "{}",
+        read(&err_path)
+    );
+
+    // The README's walk-through: tell the Butler, get the approval card, approve, the answer.
+    let (status, login) = http(
+        &addr,
+        "POST",
+        "/api/auth/login",
+        None,
+        r#"{"username":"admin","password":"admin123"}"#,
+    );
+    assert_eq!(status, 200, "{login}");
+    let jwt = login["token"].as_str().unwrap().to_string();
+    let (status, butler) = http(&addr, "GET", "/api/users/butler", Some(&jwt), "");
+    assert_eq!(status, 200, "{butler}");
+    assert_eq!(butler["online"], true, "{butler}");
+    let butler_id = butler["id"].as_i64().unwrap();
+    let stream = std::net::TcpStream::connect(&addr).unwrap();
+    let (ws, _) =
+        tungstenite::client(format!("ws://{addr}/api/ws?token={jwt}").as_str(), stream).unwrap();
+    ws.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut human = Ws { inner: ws };
+    human.send_json(json!({"type": "CHAT", "target_id": butler_id,
+                           "payload": "@Storage-Custodian restart the storage service"}));
+    let from_butler = |v: &Value, kind: &str| v["type"] == kind && v["sender_id"] == butler_id;
+    let req = human.recv_until(|v| from_butler(v, "AUTH_REQUEST"), "the approval request");
+    assert_eq!(req["payload"]["status"], "PENDING", "{req}");
+    assert_eq!(req["payload"]["command"], "restart the storage service");
+    let body = json!({"action_id": req["payload"]["action_id"], "approved": true}).to_string();
+    let (status, r) = http(&addr, "POST", "/api/chat/auth/response", Some(&jwt), &body);
+    assert_eq!((status, r), (200, json!({"status": "processed"})));
+    let reply = human.recv_until(
+        |v| from_butler(v, "CHAT") && text(v).starts_with("Storage-Custodian: "),
+        "the relayed answer",
+    );
+    assert!(
+        text(&reply).contains("\"restart the storage service\""),
+        "{reply}"
+    );
+    human.close();
+
+    // Ctrl-C stops the Butler with everything else.
+    demo.signal("INT");
+    let status = demo.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "demo.sh exit {status:?}: {}",
+        read(&err_path)
+    );
+    assert!(!alive(butler_pid), "the Butler was left running");
+    assert!(!data_dir.exists(), "{data_dir:?} not removed");
+}
