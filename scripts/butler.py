@@ -72,6 +72,7 @@ import select
 import signal
 import sys
 import time
+import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -388,7 +389,7 @@ class Butler:
                     log("ignoring a frame that is not JSON")
                     continue
                 if isinstance(msg, dict):
-                    self.handle(msg)
+                    self.handle_safely(msg)
         except websocket.WebSocketTimeoutException:
             reason = "the server stalled in the middle of a frame"
         except (OSError, websocket.WebSocketException) as e:
@@ -471,7 +472,8 @@ class Butler:
         """(agent, None) or (None, the reason to tell the human)."""
         try:
             agents = self.directory()
-        except DirectoryError as e:
+        except (DirectoryError, TokenRejected) as e:
+            # (A rejected token: the server closes this session too, and run() gives up.)
             log(f"cannot read the agent directory: {e}")
             return None, ("I cannot read the agent directory right now, so nothing was "
                           "forwarded. Please try again in a moment.")
@@ -495,6 +497,14 @@ class Butler:
         return agent, None
 
     # -- frames in ------------------------------------------------------------------------
+
+    def handle_safely(self, msg):
+        """One frame that trips a bug must not take every other request down with it."""
+        try:
+            self.handle(msg)
+        except Exception:
+            log(f"internal error while handling a {msg.get('type')} frame (id "
+                f"{msg.get('id')}); carrying on:\n{traceback.format_exc().rstrip()}")
 
     def handle(self, msg):
         kind = msg.get("type")
@@ -584,7 +594,7 @@ class Butler:
     def agents_listing(self):
         try:
             agents = [a for a in self.directory() if a.get("role") == "AGENT"]
-        except DirectoryError as e:
+        except (DirectoryError, TokenRejected) as e:
             log(f"cannot read the agent directory: {e}")
             return "I cannot read the agent directory right now."
         if not agents:
