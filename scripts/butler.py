@@ -278,7 +278,7 @@ class Butler:
         self.by_local = {}        # local_id of a forwarded CHAT -> rid
         self.streams = {}         # (agent id, stream_id) -> rid
         self.closed_streams = OrderedDict()   # (agent id, stream_id) already finished
-        self.answered_actions = OrderedDict()  # action_ids already decided or expired
+        self.answered_actions = OrderedDict()  # action_id -> APPROVED/REJECTED/EXPIRED
         self.seen = OrderedDict()  # ids of frames already handled (replays)
         self.unacked = OrderedDict()  # local_id -> own stored frame, until ACKed
 
@@ -613,15 +613,25 @@ class Butler:
         rid = self.by_action.get(action_id) if isinstance(action_id, str) else None
         req = self.requests.get(rid)
         if req is None:
-            if action_id in self.answered_actions:
-                return  # answered twice (the WebSocket and REST): the first answer counted
-            log(f"AUTH_RESPONSE from {who} for unknown action {action_id!r}")
+            # Not pending (any more): put the human's card right, say why if it matters.
             note = Request({"id": msg["sender_id"], "name": who,
                             "role": msg.get("sender_role")},
                            msg.get("conversation_id"), None, "")
-            self.tell(note, f"There is no pending approval {action_id}: it was already "
-                            "decided, expired, or asked before I restarted. Nothing was "
-                            "forwarded for it.")
+            note.action_id = action_id
+            outcome = self.answered_actions.get(action_id)
+            if outcome in ("APPROVED", "REJECTED"):
+                # Answered twice (the WebSocket and REST): the first answer counted.
+                self.status_update(note, outcome)
+                return
+            if isinstance(action_id, str):
+                self.status_update(note, "EXPIRED")
+            if outcome == "EXPIRED":
+                self.tell(note, "That approval request had already expired, so nothing was "
+                                "forwarded. Ask again if it is still wanted.")
+            else:
+                log(f"AUTH_RESPONSE from {who} for unknown action {action_id!r}")
+                self.tell(note, f"There is no pending approval {action_id}: it was asked "
+                                "before I restarted, or never. Nothing was forwarded for it.")
             return
         if not isinstance(approved, bool):
             log(f"ignoring an AUTH_RESPONSE from {who} whose 'approved' is not a boolean")
@@ -634,7 +644,7 @@ class Butler:
                             "request.")
             return
         del self.by_action[action_id]
-        self.remember_action(action_id)
+        self.remember_action(action_id, "APPROVED" if approved else "REJECTED")
         by = "" if msg["sender_id"] == req.human["id"] else f" by {who}"
         if approved:
             log(f"approved{by}: {req.label()}")
@@ -780,8 +790,8 @@ class Butler:
             while len(self.closed_streams) > SEEN_IDS_KEPT:
                 self.closed_streams.popitem(last=False)
 
-    def remember_action(self, action_id):
-        self.answered_actions[action_id] = True
+    def remember_action(self, action_id, outcome):
+        self.answered_actions[action_id] = outcome
         while len(self.answered_actions) > SEEN_IDS_KEPT:
             self.answered_actions.popitem(last=False)
 
@@ -799,7 +809,7 @@ class Butler:
             if req.state == APPROVAL:
                 log(f"approval timed out: {req.label()}")
                 self.by_action.pop(req.action_id, None)
-                self.remember_action(req.action_id)
+                self.remember_action(req.action_id, "EXPIRED")
                 self.status_update(req, "EXPIRED")
                 self.tell(req, f"No decision on \"{req.task}\" for {req.agent_name} within "
                                f"{fmt_duration(self.approval_timeout)}, so I did not forward "

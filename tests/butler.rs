@@ -556,9 +556,11 @@ fn a_rejected_instruction_is_reported_and_never_forwarded() {
     assert!(w.instructions_to(agent_id).is_empty());
     agent.assert_no("CHAT", Duration::from_millis(300));
 
-    // A second answer for the same action changes nothing.
+    // A second answer for the same action changes nothing: the card stays rejected.
     human.send_json(json!({"type": "AUTH_RESPONSE",
                            "payload": {"action_id": action_id, "approved": true}}));
+    let update = w.expect(&mut human, "AUTH_STATUS_UPDATE", "REJECTED again", |_| true);
+    assert_eq!(update["payload"]["status"], "REJECTED", "{update}");
     w.tell(&mut human, "help", None);
     w.expect_chat(&mut human, "I can forward instructions");
     assert!(w.instructions_to(agent_id).is_empty());
@@ -666,6 +668,20 @@ fn unknown_offline_and_unparseable_instructions_get_a_clear_reply() {
     let r = w.expect_chat(&mut human, "Agents: ");
     assert!(text(&r).contains("Observer (offline)"), "{r}");
     assert!(text(&r).contains("Storage-Custodian (online)"), "{r}");
+
+    // An answer to an approval the Butler never asked (or asked before it restarted).
+    let r = w.s.post(
+        "/api/chat/auth/response",
+        &w.admin,
+        json!({"action_id": "no-such-action", "approved": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let update = w.expect(&mut human, "AUTH_STATUS_UPDATE", "EXPIRED", |_| true);
+    assert_eq!(
+        update["payload"],
+        json!({"action_id": "no-such-action", "status": "EXPIRED"})
+    );
+    w.expect_chat(&mut human, "There is no pending approval no-such-action");
 }
 
 #[test]
@@ -693,12 +709,13 @@ fn silence_from_the_agent_and_from_the_approver_each_time_out_with_a_message() {
     assert_eq!(update["payload"]["status"], "EXPIRED", "{update}");
     assert_eq!(update["payload"]["action_id"], req["payload"]["action_id"]);
     w.expect_chat(&mut human, "No decision on \"reboot now\"");
-    // Approving after the expiry forwards nothing.
+    // Approving after the expiry (a card reloaded from history) forwards nothing, and says so.
     human.send_json(json!({"type": "AUTH_RESPONSE",
                            "payload": {"action_id": req["payload"]["action_id"],
                                        "approved": true}}));
-    w.tell(&mut human, "help", None);
-    w.expect_chat(&mut human, "I can forward instructions");
+    let update = w.expect(&mut human, "AUTH_STATUS_UPDATE", "EXPIRED again", |_| true);
+    assert_eq!(update["payload"]["status"], "EXPIRED", "{update}");
+    w.expect_chat(&mut human, "had already expired, so nothing was forwarded");
     assert_eq!(w.instructions_to(agent_id).len(), 1);
     agent.assert_no("CHAT", Duration::from_millis(200));
 }
