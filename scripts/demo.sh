@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-command demo: builds EchoCenter (if needed), starts it on a throw-away database, seeds
 # the demo world (scripts/seed-demo.sh), connects the mock agent (scripts/mock-agent.py) as
-# Storage-Custodian, prints the URL and credentials, and cleans everything up on Ctrl-C.
+# Storage-Custodian and the Butler (scripts/butler.py, with the Butler's token from the dev
+# endpoint), prints the URL and credentials, and cleans everything up on Ctrl-C.
 #
 #   scripts/demo.sh [--port N] [--host ADDR]      (a bare number is taken as the port)
 #
@@ -11,13 +12,15 @@
 # Environment:
 #   ECHOCENTER_BIN             use this server binary instead of `cargo build --release`
 #                              (without cargo, an existing target/release/echocenter is used)
-#   ECHOCENTER_PYTHON          Python with websocket-client for the mock agent; otherwise
+#   ECHOCENTER_PYTHON          Python with websocket-client for the mock agent and the
+#                              Butler; otherwise
 #                              python3 if it has it, else the venv target/venv (created and
 #                              filled from PyPI on first use)
 #   ECHOCENTER_ADMIN_PASSWORD  admin password for the demo server (default admin123)
 #   ECHOCENTER_DEMO_KEEP=1     keep the temporary directory (database and logs) on exit
 #
-# The server, the mock agent and the temporary directory live only as long as this script:
+# The server, the mock agent, the Butler and the temporary directory live only as long as
+# this script:
 # Ctrl-C (SIGINT), SIGTERM, or either child dying ends the demo and removes them.
 set -euo pipefail
 
@@ -56,7 +59,7 @@ command -v curl >/dev/null 2>&1 || die "curl is required"
 command -v python3 >/dev/null 2>&1 || die "python3 is required"
 
 # --- state and cleanup -------------------------------------------------------------------------
-workdir="" server_pid="" agent_pid=""
+workdir="" server_pid="" agent_pid="" butler_pid=""
 
 running() {
   # True while PID exists and is not a zombie (our children stay zombies until reaped).
@@ -88,6 +91,7 @@ cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   trap '' INT TERM # a second Ctrl-C must not interrupt the cleanup
+  stop "$butler_pid" "Butler"
   stop "$agent_pid" "mock agent"
   stop "$server_pid" "server"
   if [ -n "$workdir" ]; then
@@ -125,7 +129,7 @@ else
 fi
 [ -x "$bin" ] || die "not an executable: $bin"
 
-# --- 2. Python with websocket-client for the mock agent -----------------------------------
+# --- 2. Python with websocket-client for the mock agent and the Butler --------------------
 has_ws_client() { "$1" -c 'import websocket; websocket.create_connection' >/dev/null 2>&1; }
 python=""
 for candidate in "${ECHOCENTER_PYTHON:-}" python3 "$root/target/venv/bin/python"; do
@@ -224,22 +228,57 @@ until agent_online; do
   sleep 0.2
 done
 
+# --- 6. the Butler -------------------------------------------------------------------------
+# Its raw token from the development endpoint (admin only, refused in production); it goes to
+# the Butler in its environment, never on a command line or the screen.
+butler_token=$(curl -fsS --max-time 5 -H @<(printf 'Authorization: Bearer %s\n' "$jwt") \
+  "$url/api/dev/mock/agent-token/Butler" |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["api_token"])') ||
+  die "cannot read the Butler's token from /api/dev/mock/agent-token/Butler"
+[ -n "$butler_token" ] || die "the server keeps no raw token for the Butler"
+ECHOCENTER_URL=$url ECHOCENTER_BUTLER_TOKEN=$butler_token \
+  "$python" "$root/scripts/butler.py" </dev/null >/dev/null 2>"$workdir/butler.log" &
+butler_pid=$!
+butler_token=""
+
+butler_online() {
+  curl -fsS --max-time 5 -H @<(printf 'Authorization: Bearer %s\n' "$jwt") \
+    "$url/api/users/butler" 2>/dev/null |
+    python3 -c 'import json, sys; sys.exit(0 if json.load(sys.stdin).get("online") is True else 1)'
+}
+deadline=$((SECONDS + 30))
+until butler_online; do
+  if ! running "$butler_pid"; then
+    tail_log "$workdir/butler.log"
+    die "the Butler exited"
+  fi
+  [ "$SECONDS" -lt "$deadline" ] || {
+    tail_log "$workdir/butler.log"
+    die "the Butler did not come online within 30 s"
+  }
+  sleep 0.2
+done
+note "the Butler is running (pid $butler_pid): it forwards instructions to agents and asks approval for risky ones"
+
 cat <<EOF
 
 EchoCenter demo ready: $url/
   admin login:     $admin_user / $admin_password
   live mock agent: Storage-Custodian (chat with it from the dashboard; it streams replies)
+  Butler:          running; tell it "@Storage-Custodian check the disk", or something risky
+                   such as "@Storage-Custodian restart the storage service" (it asks you first)
   agent tokens:    Observer mock-observer-token, Diagnoser mock-diagnoser-token,
                    Guardian mock-guardian-token, Storage-Custodian $agent_token
   agent websocket: ws://$local_host:$bound_port/api/ws?token=<token>
   server pid:      $server_pid
   agent pid:       $agent_pid
-  data dir:        $workdir (server.log, agent.log, seed.log; removed on exit)
+  butler pid:      $butler_pid
+  data dir:        $workdir (server.log, agent.log, butler.log, seed.log; removed on exit)
 Press Ctrl-C to stop.
 EOF
 
-# --- 6. run until interrupted or a child dies ------------------------------------------------
-agent_gone=""
+# --- 7. run until interrupted or a child dies ------------------------------------------------
+agent_gone="" butler_gone=""
 while :; do
   wait -n || true # returns when a child exits; a trapped signal exits via the traps above
   if ! running "$server_pid"; then
@@ -251,5 +290,10 @@ while :; do
     tail_log "$workdir/agent.log"
     note "the mock agent exited; the server keeps running (Ctrl-C to stop)"
     agent_gone=1
+  fi
+  if [ -z "$butler_gone" ] && ! running "$butler_pid"; then
+    tail_log "$workdir/butler.log"
+    note "the Butler exited; the server keeps running (Ctrl-C to stop)"
+    butler_gone=1
   fi
 done
