@@ -2,12 +2,22 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Added to the system clock: zero, except in tests that travel in time (retention) through
+/// `ECHOCENTER_CLOCK_OFFSET` (see `main`).
+static OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Moves this process's clock (tests only; set once, before anything reads the time).
+pub fn set_offset_ms(ms: i64) {
+    OFFSET_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+        + OFFSET_MS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Seconds since the Unix epoch (JWT `iat`/`exp`).

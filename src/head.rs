@@ -6,8 +6,6 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use crate::wire;
-
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
 pub const HEAD_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -81,8 +79,23 @@ pub fn percent_decode(s: &str) -> String {
 /// Writes a complete `{"error": message}` response and closes (used before any worker is
 /// involved).
 pub fn respond_error(stream: &mut TcpStream, status: u16, message: &str, extra: &[(&str, &str)]) {
-    let body = serde_json::to_string(&wire::ErrorBody { error: message })
-        .unwrap_or_else(|_| r#"{"error":"error"}"#.into());
+    respond_error_with(stream, status, message, &[], extra);
+}
+
+/// As `respond_error`, with more fields beside `error` (e.g. what a check compared).
+pub fn respond_error_with(
+    stream: &mut TcpStream,
+    status: u16,
+    message: &str,
+    fields: &[(&str, &str)],
+    extra: &[(&str, &str)],
+) {
+    let mut body = serde_json::Map::new();
+    body.insert("error".into(), message.into());
+    for (k, v) in fields {
+        body.insert((*k).to_string(), (*v).into());
+    }
+    let body = serde_json::Value::Object(body).to_string();
     let reason = match status {
         400 => "Bad Request",
         401 => "Unauthorized",

@@ -55,6 +55,66 @@ pub fn write(level: Level, args: std::fmt::Arguments) {
     }
 }
 
+/// Refusals (a bad token, a refused Origin, a failed login) are logged as warnings, one line
+/// each, but at most `REFUSALS_PER_WINDOW` a window: a flood of them must not fill the disk.
+/// The first line after a window in which some were held back says how many.
+const REFUSALS_PER_WINDOW: u32 = 20;
+const REFUSAL_WINDOW_SECS: i64 = 10;
+
+struct RefusalWindow {
+    started_ms: i64,
+    written: u32,
+    held_back: u64,
+}
+
+static REFUSALS: std::sync::Mutex<RefusalWindow> = std::sync::Mutex::new(RefusalWindow {
+    started_ms: 0,
+    written: 0,
+    held_back: 0,
+});
+
+/// One warning line about a refused request or connection, unless too many came lately.
+/// Callers name the reason and the peer; never a token, password or JWT.
+pub fn refusal(args: std::fmt::Arguments) {
+    if !enabled(Level::Warn) {
+        return;
+    }
+    let now = crate::clock::now_ms();
+    let held_back = {
+        let mut w = REFUSALS.lock().unwrap_or_else(|p| p.into_inner());
+        if now - w.started_ms >= REFUSAL_WINDOW_SECS * 1000 {
+            let held = w.held_back;
+            *w = RefusalWindow {
+                started_ms: now,
+                written: 0,
+                held_back: 0,
+            };
+            if held > 0 {
+                Some(held)
+            } else {
+                None
+            }
+        } else if w.written >= REFUSALS_PER_WINDOW {
+            w.held_back += 1;
+            return;
+        } else {
+            None
+        }
+    };
+    if let Some(n) = held_back {
+        write(
+            Level::Warn,
+            format_args!(
+                "refused: {n} more refusals were not logged in the last {REFUSAL_WINDOW_SECS} s"
+            ),
+        );
+    }
+    REFUSALS.lock().unwrap_or_else(|p| p.into_inner()).written += 1;
+    write(Level::Warn, format_args!("refused: {args}"));
+}
+
+#[macro_export]
+macro_rules! log_refusal { ($($t:tt)*) => { $crate::logging::refusal(format_args!($($t)*)) } }
 #[macro_export]
 macro_rules! log_error { ($($t:tt)*) => { $crate::logging::write($crate::logging::Level::Error, format_args!($($t)*)) } }
 #[macro_export]

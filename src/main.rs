@@ -19,6 +19,14 @@ mod wire;
 mod ws;
 
 fn main() {
+    // Test only: a clock moved forward by this much (`30d`, `36h`), so that retention can be
+    // tested without waiting a month. Not a setting; never set it in production.
+    if let Some(offset) = std::env::var("ECHOCENTER_CLOCK_OFFSET")
+        .ok()
+        .and_then(|v| config::parse_retention(&v))
+    {
+        clock::set_offset_ms(offset.as_millis() as i64);
+    }
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     if let Err(e) = cli::run(args) {
         eprintln!("echocenter: {e}");

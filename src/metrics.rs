@@ -168,6 +168,18 @@ impl Metrics {
             jobs as f64 / commits as f64
         };
         let _ = writeln!(s, "echocenter_db_batch_size_avg {avg:.2}");
+        let _ = writeln!(s, "# TYPE echocenter_pruned_rows_total counter");
+        for (table, rule, v) in [
+            ("messages", "age", &st.pruned_logs_by_age),
+            ("messages", "budget", &st.pruned_logs_by_budget),
+            ("chat_messages", "age", &st.pruned_chat_by_age),
+        ] {
+            let _ = writeln!(
+                s,
+                "echocenter_pruned_rows_total{{table=\"{table}\",rule=\"{rule}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
         s
     }
 }

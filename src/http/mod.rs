@@ -309,12 +309,19 @@ fn authorize(ctx: &Ctx, access: Access) -> Result<Principal> {
     // An address that keeps presenting bad tokens is not even asked for the next one.
     if let Some(wait) = ctx.app.token_failures.retry_after(ctx.peer) {
         metrics.limit("auth_throttled");
+        crate::log_refusal!("http {}: 429 too many failed authentications", ctx.peer);
         return Err(throttled(wait));
     }
     let who = ctx.app.authenticate(token).map_err(|e| match e {
         AuthFailure::Invalid => {
             failed();
             ctx.app.token_failures.record_failure(ctx.peer);
+            crate::log_refusal!(
+                "http {}: 401 invalid token for {} {}",
+                ctx.peer,
+                ctx.req.method,
+                ctx.req.path
+            );
             Reply::error(401, "invalid token")
         }
         AuthFailure::Unavailable => Reply::error(500, "internal server error"),
@@ -484,6 +491,7 @@ fn login(ctx: &Ctx) -> Result<Reply> {
     // pass the limit before any of them is counted.
     let attempt = ctx.app.logins.reserve(ctx.peer).map_err(|wait| {
         ctx.app.hub.metrics.limit("login_rate_limited");
+        crate::log_refusal!("login {}: 429 too many login attempts", ctx.peer);
         Reply::error(429, "too many login attempts").with_header("Retry-After", wait.to_string())
     })?;
     let user = match verify_login(ctx) {
@@ -494,6 +502,11 @@ fn login(ctx: &Ctx) -> Result<Reply> {
                 .metrics
                 .auth_failures
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            crate::log_refusal!(
+                "login {}: 401 invalid credentials (user {})",
+                ctx.peer,
+                attempted_username(ctx)
+            );
             return Err(Reply::error(401, "invalid credentials"));
         }
         Err(reply) => {
@@ -504,6 +517,11 @@ fn login(ctx: &Ctx) -> Result<Reply> {
     attempt.release();
     if user.disabled {
         // Said only to someone who knows the password.
+        crate::log_refusal!(
+            "login {}: 403 account disabled (user {})",
+            ctx.peer,
+            user.username
+        );
         return Err(Reply::error(403, "account disabled"));
     }
     let token = ctx
@@ -512,6 +530,19 @@ fn login(ctx: &Ctx) -> Result<Reply> {
         .issue(user.id, user.role, user.session_gen, clock::now_secs());
     let user = single_view(ctx, user)?;
     Ok(Reply::json(200, &wire::LoginResponse { token, user }))
+}
+
+/// The username a login body named, for the refusal's log line (never the password; a name
+/// that is not a valid username, perhaps a password typed in the wrong field, is not shown).
+fn attempted_username(ctx: &Ctx) -> String {
+    let name = read_body(ctx)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<wire::LoginRequest>(b).ok())
+        .map(|r| r.username);
+    match name {
+        Some(n) if auth::valid_username(&n) => n,
+        _ => "(not a valid username)".to_string(),
+    }
 }
 
 /// The user behind a login body's credentials; None when they are wrong.

@@ -55,9 +55,11 @@ pub fn open(path: &Path, sync: Sync) -> Result<(Sqlite, SqliteWriter)> {
     let mut conn = open_connection(path, sync)?;
     use_incremental_vacuum(&conn, path)?;
     migrate(&mut conn)?;
-    let writer = SqliteWriter {
-        conn: open_connection(path, sync)?,
-    };
+    let writer_conn = open_connection(path, sync)?;
+    // After a checkpoint that could start the WAL over, cut the file back to this size (it
+    // would otherwise stay as large as it ever grew).
+    writer_conn.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024)?;
+    let writer = SqliteWriter { conn: writer_conn };
     let mut general = vec![conn];
     for _ in 1..GENERAL_CONNECTIONS {
         general.push(open_connection(path, sync)?);
@@ -803,6 +805,9 @@ fn prepare_new_file(path: &Path) -> std::io::Result<()> {
 fn open_connection(path: &Path, sync: Sync) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
+    // Before anything writes the file's first page (switching to WAL does): on a new file
+    // this is what makes it incremental; on an existing one it changes nothing by itself.
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(
@@ -824,7 +829,7 @@ fn use_incremental_vacuum(conn: &Connection, path: &Path) -> Result<()> {
     if mode == 2 {
         return Ok(());
     }
-    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    // `open_connection` asked for it; on a database made without it, VACUUM applies it.
     let tables: i64 = conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))?;
     if tables > 0 {
         crate::log_info!(
@@ -908,6 +913,14 @@ impl Batches for SqliteWriter {
                 "chat_messages",
                 "timestamp < ?1 AND NOT (delivered = 0 AND timestamp >= ?2)",
                 &[&cutoff as &dyn rusqlite::ToSql, &replay_cutoff],
+            )?;
+        }
+        if pruned.logs_by_age + pruned.logs_by_budget > 0 {
+            // Deleting from the search index leaves tombstones in its segments until they are
+            // merged; merge a little after every step so the index shrinks with the table.
+            tx.execute(
+                "INSERT INTO messages_fts (messages_fts, rank) VALUES ('merge', 256)",
+                [],
             )?;
         }
         tx.commit()?;

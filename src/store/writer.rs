@@ -20,8 +20,12 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
 /// between, so pruning never holds the write lock for long).
 const PRUNE_AGAIN_AFTER: Duration = Duration::from_millis(200);
 /// This many log rows since the last budget check bring the next one forward: a flooding
-/// agent is trimmed within about this many rows of its budget, not a minute later.
+/// agent is trimmed within about this many rows of its budget, not a minute later. (A tenth
+/// of a smaller row budget, when there is one.)
 const LOG_ROWS_PER_CHECK: u64 = 20_000;
+/// The first housekeeping after retention is switched on: soon, so a server that starts on
+/// an old database prunes it at once.
+const FIRST_HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 /// A machine user's presence as the database keeps it, with the time it changed.
 pub enum Presence {
@@ -115,9 +119,21 @@ pub fn run(mut backend: impl Batches, rx: Receiver<Job>, stats: &WriterStats) {
             }
             log_rows_since_check +=
                 batch.iter().filter(|j| matches!(j, Job::Log(..))).count() as u64;
-            write_and_answer(&mut backend, batch, stats, &mut retention);
+            write_and_answer(
+                &mut backend,
+                batch,
+                stats,
+                &mut retention,
+                &mut next_housekeeping,
+            );
         }
-        let flood = log_rows_since_check >= LOG_ROWS_PER_CHECK;
+        let per_check = retention
+            .as_ref()
+            .and_then(|r| r.max_log_rows_per_agent)
+            .map_or(LOG_ROWS_PER_CHECK, |m| {
+                (m / 10).clamp(100, LOG_ROWS_PER_CHECK)
+            });
+        let flood = retention.is_some() && log_rows_since_check >= per_check;
         if Instant::now() < next_housekeeping && !flood {
             continue;
         }
@@ -142,6 +158,7 @@ fn write_and_answer(
     batch: Vec<Job>,
     stats: &WriterStats,
     retention: &mut Option<Retention>,
+    next_housekeeping: &mut Instant,
 ) {
     let started = Instant::now();
     let (outcomes, committed) = backend.write(&batch);
@@ -179,7 +196,10 @@ fn write_and_answer(
                 });
             }
             (Job::Barrier(done), _) => done.send(()),
-            (Job::Retention(r), _) => *retention = Some(r),
+            (Job::Retention(r), _) => {
+                *retention = Some(r);
+                *next_housekeeping = Instant::now() + FIRST_HOUSEKEEPING;
+            }
             (Job::Prune(r, reply), _) => reply.send(prune_all(backend, &r, stats)),
             // An answer dropped unsent wakes its caller with "the store is gone"; a failed
             // batch is said explicitly above.

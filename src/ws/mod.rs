@@ -29,11 +29,11 @@ pub use echo::{serve_echo, ECHO_PATH};
 
 use crate::app::{App, THREAD_STACK};
 use crate::auth::{self, AuthFailure};
-use crate::head::{respond_error, Head};
+use crate::head::{respond_error, respond_error_with, Head};
 use crate::hub::{Conn, ConnQueues, RegisterError};
 use crate::identity::Principal;
 use crate::wire::Close;
-use crate::{log_debug, log_info, log_warn};
+use crate::{log_debug, log_info, log_refusal, log_warn};
 
 /// A write that makes no progress for this long ends the connection.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,12 +43,44 @@ pub fn serve(app: &Arc<App>, mut stream: TcpStream, head: Head, leftover: Vec<u8
     let (principal, key) = match check_upgrade(app, &head, peer) {
         Ok(p) => p,
         Err(refusal) => {
-            let extra: Vec<(&str, &str)> = refusal
+            // One line for the operator (the path only: the query may carry the token).
+            let detail: Vec<String> = refusal
+                .fields
+                .iter()
+                .map(|(k, v)| format!("{k} {v:?}"))
+                .collect();
+            log_refusal!(
+                "ws {peer}: {} {}{}{}",
+                refusal.status,
+                refusal.error,
+                refusal
+                    .user
+                    .as_deref()
+                    .map(|u| format!(" (user {u})"))
+                    .unwrap_or_default(),
+                if detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", detail.join(", "))
+                }
+            );
+            let headers: Vec<(&str, &str)> = refusal
                 .headers
                 .iter()
                 .map(|(k, v)| (*k, v.as_str()))
                 .collect();
-            respond_error(&mut stream, refusal.status, refusal.error, &extra);
+            let fields: Vec<(&str, &str)> = refusal
+                .fields
+                .iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .collect();
+            respond_error_with(
+                &mut stream,
+                refusal.status,
+                refusal.error,
+                &fields,
+                &headers,
+            );
             return;
         }
     };
@@ -56,6 +88,7 @@ pub fn serve(app: &Arc<App>, mut stream: TcpStream, head: Head, leftover: Vec<u8
         Ok(r) => r,
         Err(RegisterError::TooManyForUser) => {
             app.hub.metrics.limit("user_connections");
+            log_refusal!("ws {peer}: 429 too many connections for this user");
             respond_error(&mut stream, 429, "too many connections for this user", &[]);
             return;
         }
@@ -85,11 +118,14 @@ pub fn serve(app: &Arc<App>, mut stream: TcpStream, head: Head, leftover: Vec<u8
     run_connection(app, stream, leftover, conn, queues, first);
 }
 
-/// Why an upgrade was refused: the HTTP answer.
+/// Why an upgrade was refused: the HTTP answer, and who asked if that is known.
 struct Refusal {
     status: u16,
     error: &'static str,
     headers: Vec<(&'static str, String)>,
+    /// Fields of the body beside `error` (what a check compared).
+    fields: Vec<(&'static str, String)>,
+    user: Option<String>,
 }
 
 fn refusal(status: u16, error: &'static str) -> Refusal {
@@ -97,6 +133,8 @@ fn refusal(status: u16, error: &'static str) -> Refusal {
         status,
         error,
         headers: Vec::new(),
+        fields: Vec::new(),
+        user: None,
     }
 }
 
@@ -167,8 +205,15 @@ fn check_upgrade(app: &App, head: &Head, peer: IpAddr) -> Result<(Principal, Str
         Err(AuthFailure::Unavailable) => return Err(refusal(500, "internal server error")),
     };
     if let Some(origin) = head.header("origin") {
-        if !app.origin_allowed(origin, head.header("host")) {
-            return Err(refusal(403, "origin not allowed"));
+        let host = head.header("host");
+        if !app.origin_allowed(origin, host) {
+            // Say what was compared: behind a proxy that rewrites Host this is the whole
+            // story (pass Host through, or list the origin in --allowed-origins).
+            let mut r = refusal(403, "origin not allowed");
+            r.fields.push(("origin", origin.to_string()));
+            r.fields.push(("host", host.unwrap_or("").to_string()));
+            r.user = Some(principal.username);
+            return Err(r);
         }
     }
     Ok((principal, key))

@@ -212,6 +212,15 @@ impl Server {
         let _ = child.wait();
     }
 
+    /// Stops this process (SIGKILL) and hands back its directory and database, which stay.
+    pub fn stop_keeping_data(mut self) -> (TempDir, PathBuf) {
+        if self.child.is_some() {
+            self.kill9();
+        }
+        let dir = std::mem::replace(&mut self.dir, TempDir(PathBuf::new()));
+        (dir, self.db.clone())
+    }
+
     /// Stops this process (SIGKILL) and starts a new one on the same database.
     pub fn restart(mut self, args: &[&str], envs: &[(&str, &str)]) -> Server {
         if self.child.is_some() {
