@@ -57,6 +57,8 @@ pub struct Config {
     /// Bytes of log content one sender may store per second (SYSTEM_LOG and POST
     /// /api/messages together; bursts of 4 seconds' worth).
     pub max_log_bytes_per_second: usize,
+    /// Butler approvals still PENDING this long become EXPIRED.
+    pub approval_ttl: Duration,
     /// How long dashboard logs and chat history are kept (None: for ever).
     pub retain_logs: Option<Duration>,
     pub retain_chat: Option<Duration>,
@@ -334,6 +336,11 @@ impl<'a> Loader<'a> {
             1024,
             1 << 30,
         )?;
+        let approval_ttl = self.duration(
+            "--approval-ttl",
+            "ECHOCENTER_APPROVAL_TTL",
+            Duration::from_secs(24 * 3600),
+        )?;
         let retain_logs = self.retention("--retain-logs", "ECHOCENTER_RETAIN_LOGS", 30)?;
         let retain_chat = self.retention("--retain-chat", "ECHOCENTER_RETAIN_CHAT", 365)?;
         let max_log_rows_per_agent = self.number(
@@ -375,6 +382,7 @@ impl<'a> Loader<'a> {
             conformance_echo,
             fault_injection,
             max_log_bytes_per_second,
+            approval_ttl,
             retain_logs,
             retain_chat,
             max_log_rows_per_agent: (max_log_rows_per_agent > 0)

@@ -91,6 +91,24 @@ pub fn serve(config: Config) -> Result<(), String> {
         },
         app.store.describe()
     );
+    // Approvals: every request still pending at start-up expires (nobody is waiting for it
+    // any more, as in the original); later ones after --approval-ttl, checked every minute.
+    app.hub.expire_approvals(None);
+    {
+        let app = app.clone();
+        std::thread::Builder::new()
+            .name("approvals".into())
+            .spawn(move || loop {
+                // A short TTL (tests) is checked as often as a quarter of it.
+                let every = (app.config.approval_ttl / 4)
+                    .clamp(Duration::from_millis(200), Duration::from_secs(60));
+                std::thread::sleep(every);
+                let ttl = app.config.approval_ttl.as_millis() as i64;
+                app.hub
+                    .expire_approvals(Some(crate::clock::format_ms(crate::clock::now_ms() - ttl)));
+            })
+            .map_err(|e| e.to_string())?;
+    }
     log_info!("dashboard: {}", dashboard_url(local));
     // Tests and scripts wait for this exact line on stdout.
     println!("listening on {local}");

@@ -24,10 +24,15 @@ pub enum Kind {
     Error,
     Presence,
     ButlerAgentMessage,
+    /// Ours: an agent or the Butler says it is BUSY or IDLE (README "Presence").
+    AgentStatus,
+    /// A type SPEC does not define (1–32 of `A–Z 0–9 _`), routed like CHAT_STREAM; the
+    /// envelope carries its name.
+    Custom,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 13] = [
         Kind::SystemLog,
         Kind::Chat,
         Kind::ChatStream,
@@ -39,6 +44,8 @@ impl Kind {
         Kind::Error,
         Kind::Presence,
         Kind::ButlerAgentMessage,
+        Kind::AgentStatus,
+        Kind::Custom,
     ];
 
     /// The kinds stored in `chat_messages`, which store-and-forward replays.
@@ -57,11 +64,24 @@ impl Kind {
             Kind::Error => "ERROR",
             Kind::Presence => "PRESENCE",
             Kind::ButlerAgentMessage => "BUTLER_AGENT_MESSAGE",
+            Kind::AgentStatus => "AGENT_STATUS",
+            // Only a label for counters: a custom frame goes out under its own name.
+            Kind::Custom => "custom",
         }
     }
 
+    /// A type SPEC (or we) define; `Custom` is never parsed, see `is_custom_name`.
     pub fn parse(s: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+        Kind::ALL
+            .into_iter()
+            .find(|k| *k != Kind::Custom && k.as_str() == s)
+    }
+
+    /// 1–32 characters of `A–Z 0–9 _`: the names a custom type may have.
+    pub fn is_custom_name(s: &str) -> bool {
+        (1..=32).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
     }
 
     /// Only the server sends these; a client's copy is `forbidden`.
@@ -363,6 +383,16 @@ pub struct PresencePayload<'a> {
     pub role: &'a str,
     pub online: bool,
     pub last_seen_at: Option<&'a str>,
+    /// ONLINE, BUSY or OFFLINE; `activity` BUSY or IDLE (AGENT_STATUS).
+    pub status: &'a str,
+    pub activity: &'a str,
+}
+
+/// The payload of an AUTH_STATUS_UPDATE the server sends (an approval expired).
+#[derive(Serialize)]
+pub struct ApprovalStatus<'a> {
+    pub action_id: &'a str,
+    pub status: &'a str,
 }
 
 #[derive(Serialize)]
@@ -410,7 +440,10 @@ pub struct UserView {
 pub struct MachineView {
     pub token_hint: Option<String>,
     pub token_updated_at: Option<String>,
+    /// ONLINE, BUSY (online, and said so with AGENT_STATUS) or OFFLINE.
     pub status: &'static str,
+    /// BUSY or IDLE, as the agent last said (IDLE when it said nothing, or is offline).
+    pub activity: &'static str,
     pub online: bool,
     pub last_seen_at: Option<String>,
     pub last_report: String,
@@ -458,6 +491,48 @@ pub struct ChatView<'a> {
     /// `delivered`, `pending` (addressed to a machine that has not received it yet) or
     /// `retired` (store and forward gave up on it; see README).
     pub delivery: &'a str,
+}
+
+/// A conversation thread as REST shows it (README "Threads"; the original's field names).
+#[derive(Serialize)]
+pub struct ThreadView {
+    pub id: i64,
+    pub owner_user_id: i64,
+    pub peer_user_id: i64,
+    pub channel_kind: String,
+    pub title: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    pub is_pinned: bool,
+    pub is_default: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archived_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_message_at: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Deserialize)]
+pub struct CreateThreadRequest {
+    #[serde(default)]
+    pub peer_id: Option<i64>,
+    #[serde(default)]
+    pub channel_kind: Option<String>,
+    #[serde(default)]
+    pub title: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct UpdateThreadRequest {
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub summary: Option<String>,
+    #[serde(default)]
+    pub is_pinned: Option<bool>,
+    #[serde(default)]
+    pub is_archived: Option<bool>,
 }
 
 #[derive(Deserialize)]

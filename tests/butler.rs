@@ -211,6 +211,35 @@ impl World {
         (id, agent)
     }
 
+    /// A new thread of the human behind `jwt` with the Butler (the dashboard's New thread).
+    fn new_thread(&self, jwt: &str) -> i64 {
+        let r = self.s.post(
+            "/api/chat/threads",
+            jwt,
+            json!({"peer_id": self.butler_id, "channel_kind": "butler_direct"}),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.json()["id"].as_i64().unwrap()
+    }
+
+    /// The default thread of the human behind `jwt` with the Butler: where the server files
+    /// the human's CHATs that name no thread (and so the Butler's replies to them).
+    fn default_thread(&self, jwt: &str) -> i64 {
+        let r = self.s.get(
+            &format!("/api/chat/threads?peer_id={}", self.butler_id),
+            jwt,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["is_default"] == true)
+            .unwrap_or_else(|| panic!("no default thread: {}", r.body))["id"]
+            .as_i64()
+            .unwrap()
+    }
+
     /// A human's CHAT to the Butler, in thread `conversation_id` if given.
     fn tell(&self, human: &mut Ws, payload: &str, conversation_id: Option<i64>) {
         let mut frame = json!({"type": "CHAT", "target_id": self.butler_id, "payload": payload});
@@ -317,11 +346,12 @@ fn an_instruction_reaches_the_named_agent_and_its_answer_comes_back_in_the_threa
     let w = World::start(&[]);
     let (agent_id, _agent) = w.mock_agent("Storage-Custodian");
     let mut human = w.s.ws(&w.admin);
+    let thread = w.new_thread(&w.admin);
 
     w.tell(
         &mut human,
         "ask Storage-Custodian to check the disk",
-        Some(7),
+        Some(thread),
     );
     let reply = w.expect_chat(&mut human, "Storage-Custodian: ");
     // mock-agent.py quotes what it received.
@@ -330,7 +360,7 @@ fn an_instruction_reaches_the_named_agent_and_its_answer_comes_back_in_the_threa
         "{reply}"
     );
     assert_eq!(
-        reply["conversation_id"], 7,
+        reply["conversation_id"], thread,
         "the reply lands in the thread: {reply}"
     );
     assert_eq!(reply["target_id"], 1, "{reply}");
@@ -345,11 +375,16 @@ fn an_instruction_reaches_the_named_agent_and_its_answer_comes_back_in_the_threa
     assert_eq!(sent[0]["type"], "CHAT");
     assert_eq!(sent[0]["payload"], "check the disk");
 
-    // The @mention form, without a thread: the reply has none either.
+    // The @mention form, without a thread: the server files it into the pair's default
+    // thread, and the reply follows it there.
     w.tell(&mut human, "@Storage-Custodian check the logs", None);
     let reply = w.expect_chat(&mut human, "instruction \"check the logs\"");
     assert!(text(&reply).starts_with("Storage-Custodian: "), "{reply}");
-    assert!(reply.get("conversation_id").is_none(), "{reply}");
+    assert_eq!(
+        reply["conversation_id"],
+        w.default_thread(&w.admin),
+        "{reply}"
+    );
     let sent = w.instructions_to(agent_id);
     assert_eq!(sent.len(), 2, "{sent:#?}");
     assert_eq!(sent[1]["payload"], "check the logs");
@@ -361,7 +396,12 @@ fn a_streamed_answer_is_relayed_as_a_stream_with_the_same_stream_id() {
     let (_, mut agent) = w.ws_agent("Storage-Custodian");
     let mut human = w.s.ws(&w.admin);
 
-    w.tell(&mut human, "@Storage-Custodian check the disk", Some(21));
+    let thread = w.new_thread(&w.admin);
+    w.tell(
+        &mut human,
+        "@Storage-Custodian check the disk",
+        Some(thread),
+    );
     let got = instruction(&w, &mut agent);
     assert_forwarded(&w, &got, "check the disk");
 
@@ -391,7 +431,10 @@ fn a_streamed_answer_is_relayed_as_a_stream_with_the_same_stream_id() {
     );
     for f in &frames {
         assert_eq!(f["stream_id"], "disk-1", "one stream_id throughout: {f}");
-        assert_eq!(f["conversation_id"], 21, "every frame in the thread: {f}");
+        assert_eq!(
+            f["conversation_id"], thread,
+            "every frame in the thread: {f}"
+        );
         assert_eq!(f["target_id"], 1, "{f}");
     }
     let joined: String = frames[..3].iter().map(text).collect();
@@ -442,18 +485,23 @@ fn two_humans_asking_the_same_agent_at_once_each_get_their_own_answer() {
     let mut admin = w.s.ws(&w.admin);
     let mut alice = w.s.ws(&member_jwt);
 
-    w.tell(&mut admin, "@Storage-Custodian count the inodes", Some(1));
+    let (admin_thread, alice_thread) = (w.new_thread(&w.admin), w.new_thread(&member_jwt));
+    w.tell(
+        &mut admin,
+        "@Storage-Custodian count the inodes",
+        Some(admin_thread),
+    );
     w.tell(
         &mut alice,
         "ask Storage-Custodian to list the mounts",
-        Some(2),
+        Some(alice_thread),
     );
     let a = w.expect_chat(&mut admin, "Storage-Custodian: ");
     let b = w.expect_chat(&mut alice, "Storage-Custodian: ");
     assert!(text(&a).contains("\"count the inodes\""), "{a}");
-    assert_eq!(a["conversation_id"], 1);
+    assert_eq!(a["conversation_id"], admin_thread);
     assert!(text(&b).contains("\"list the mounts\""), "{b}");
-    assert_eq!(b["conversation_id"], 2);
+    assert_eq!(b["conversation_id"], alice_thread);
     assert_eq!(b["target_id"], alice_id, "{b}");
 }
 
@@ -485,11 +533,12 @@ fn a_risky_instruction_waits_for_approval_and_is_forwarded_once_approved() {
     let w = World::start(&[]);
     let (agent_id, mut agent) = w.ws_agent("Storage-Custodian");
     let mut human = w.s.ws(&w.admin);
+    let thread = w.new_thread(&w.admin);
 
     w.tell(
         &mut human,
         "@Storage-Custodian restart the storage service",
-        Some(11),
+        Some(thread),
     );
     let req = expect_auth_request(
         &w,
@@ -497,7 +546,7 @@ fn a_risky_instruction_waits_for_approval_and_is_forwarded_once_approved() {
         "restart the storage service",
         "Storage-Custodian",
     );
-    assert_eq!(req["conversation_id"], 11, "{req}");
+    assert_eq!(req["conversation_id"], thread, "{req}");
     assert_eq!(req["target_id"], 1, "the human who asked: {req}");
     // Nothing reached the agent: not live, not stored.
     agent.assert_no("CHAT", Duration::from_millis(300));
@@ -509,9 +558,9 @@ fn a_risky_instruction_waits_for_approval_and_is_forwarded_once_approved() {
     let update = w.expect(&mut human, "AUTH_STATUS_UPDATE", "APPROVED", |_| true);
     assert_eq!(update["payload"]["action_id"], action_id, "{update}");
     assert_eq!(update["payload"]["status"], "APPROVED", "{update}");
-    assert_eq!(update["conversation_id"], 11, "{update}");
+    assert_eq!(update["conversation_id"], thread, "{update}");
     let note = w.expect_chat(&mut human, "Approved, forwarding");
-    assert_eq!(note["conversation_id"], 11, "{note}");
+    assert_eq!(note["conversation_id"], thread, "{note}");
 
     let got = instruction(&w, &mut agent);
     assert_forwarded(&w, &got, "restart the storage service");
@@ -525,8 +574,18 @@ fn a_risky_instruction_waits_for_approval_and_is_forwarded_once_approved() {
         text(&reply),
         "Storage-Custodian: storage service restarted, 3 s downtime"
     );
-    assert_eq!(reply["conversation_id"], 11, "{reply}");
+    assert_eq!(reply["conversation_id"], thread, "{reply}");
     assert_eq!(w.instructions_to(agent_id).len(), 1);
+    // The stored request remembers the answer (a reloaded dashboard shows it).
+    let rows = w.s.get("/api/chat/history/2", &w.admin).json();
+    let stored = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "AUTH_REQUEST")
+        .unwrap()
+        .clone();
+    assert_eq!(stored["payload"]["status"], "APPROVED", "{stored}");
 }
 
 #[test]
@@ -535,10 +594,11 @@ fn a_rejected_instruction_is_reported_and_never_forwarded() {
     let (agent_id, mut agent) = w.ws_agent("Storage-Custodian");
     let mut human = w.s.ws(&w.admin);
 
+    let thread = w.new_thread(&w.admin);
     w.tell(
         &mut human,
         "ask Storage-Custodian to DROP the cache table",
-        Some(5),
+        Some(thread),
     );
     let req = expect_auth_request(&w, &mut human, "DROP the cache table", "Storage-Custodian");
     let action_id = req["payload"]["action_id"].clone();
@@ -549,18 +609,26 @@ fn a_rejected_instruction_is_reported_and_never_forwarded() {
     let note = w.expect_chat(&mut human, "Not forwarded");
     assert!(text(&note).contains("DROP the cache table"), "{note}");
     assert!(text(&note).contains("rejected"), "{note}");
-    assert_eq!(note["conversation_id"], 5, "{note}");
+    assert_eq!(note["conversation_id"], thread, "{note}");
 
     // The Butler handles frames in order: had it forwarded anything, it would have done so
     // before this reply. Nothing is stored and nothing arrives.
     assert!(w.instructions_to(agent_id).is_empty());
     agent.assert_no("CHAT", Duration::from_millis(300));
 
-    // A second answer for the same action changes nothing: the card stays rejected.
-    human.send_json(json!({"type": "AUTH_RESPONSE",
+    // A second answer for the same action is refused by the server, which remembers the
+    // first: the card stays rejected and the Butler never hears of it.
+    human.send_json(json!({"type": "AUTH_RESPONSE", "local_id": "again",
                            "payload": {"action_id": action_id, "approved": true}}));
-    let update = w.expect(&mut human, "AUTH_STATUS_UPDATE", "REJECTED again", |_| true);
-    assert_eq!(update["payload"]["status"], "REJECTED", "{update}");
+    let e = human.recv_type("ERROR");
+    assert_eq!(e["payload"]["code"], "forbidden", "{e}");
+    assert!(
+        e["payload"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("REJECTED"),
+        "{e}"
+    );
     w.tell(&mut human, "help", None);
     w.expect_chat(&mut human, "I can forward instructions");
     assert!(w.instructions_to(agent_id).is_empty());
@@ -576,7 +644,11 @@ fn an_approval_posted_over_rest_forwards_the_instruction() {
     w.tell(&mut alice, "@Storage-Custodian reboot node-3", None);
     let req = expect_auth_request(&w, &mut alice, "reboot node-3", "Storage-Custodian");
     assert_eq!(req["target_id"], member_id);
-    assert!(req.get("conversation_id").is_none(), "{req}");
+    assert_eq!(
+        req["conversation_id"],
+        w.default_thread(&member_jwt),
+        "{req}"
+    );
     assert!(w.instructions_to(agent_id).is_empty());
 
     // The dashboard's Approve button.
@@ -613,14 +685,19 @@ fn a_pending_approval_does_not_hold_up_other_requests() {
     // While the admin thinks, alice is served.
     w.tell(&mut alice, "@Storage-Custodian check the disk", None);
     w.expect_chat(&mut alice, "instruction \"check the disk\"");
-    // alice cannot decide the admin's request (she is neither the asker nor an admin).
+    // alice cannot decide the admin's request (she is neither the asker nor an admin): the
+    // server refuses it before the Butler hears of it.
     let r = w.s.post(
         "/api/chat/auth/response",
         &member_jwt,
         json!({"action_id": req["payload"]["action_id"], "approved": true}),
     );
-    assert_eq!(r.status, 200, "{}", r.body);
-    w.expect_chat(&mut alice, "Only admin (who asked) or an admin can decide");
+    assert_eq!(
+        (r.status, r.error()),
+        (403, "forbidden".into()),
+        "{}",
+        r.body
+    );
     guarded.assert_no("CHAT", Duration::from_millis(200));
 
     admin.send_json(json!({"type": "AUTH_RESPONSE",
@@ -641,20 +718,21 @@ fn unknown_offline_and_unparseable_instructions_get_a_clear_reply() {
     let (_, _storage) = w.ws_agent("Storage-Custodian");
     let mut human = w.s.ws(&w.admin);
 
-    w.tell(&mut human, "@Nobody check the disk", Some(3));
+    let thread = w.new_thread(&w.admin);
+    w.tell(&mut human, "@Nobody check the disk", Some(thread));
     let r = w.expect_chat(&mut human, "I don't know an agent called \"Nobody\"");
     assert!(
         text(&r).contains("Storage-Custodian"),
         "lists who exists: {r}"
     );
-    assert_eq!(r["conversation_id"], 3, "{r}");
+    assert_eq!(r["conversation_id"], thread, "{r}");
 
-    w.tell(&mut human, "what is the weather like?", Some(3));
+    w.tell(&mut human, "what is the weather like?", Some(thread));
     let r = w.expect_chat(
         &mut human,
         "I can forward instructions: ask <agent> to <task>, or @<agent> <task>",
     );
-    assert_eq!(r["conversation_id"], 3, "{r}");
+    assert_eq!(r["conversation_id"], thread, "{r}");
 
     w.tell(&mut human, "ask Observer to look around", None);
     let r = w.expect_chat(&mut human, "Observer is offline");
@@ -690,11 +768,12 @@ fn silence_from_the_agent_and_from_the_approver_each_time_out_with_a_message() {
     let (agent_id, mut agent) = w.ws_agent("Quiet");
     let mut human = w.s.ws(&w.admin);
 
-    w.tell(&mut human, "@Quiet report status", Some(4));
+    let thread = w.new_thread(&w.admin);
+    w.tell(&mut human, "@Quiet report status", Some(thread));
     let got = instruction(&w, &mut agent);
     assert_forwarded(&w, &got, "report status");
     let r = w.expect_chat(&mut human, "No answer from Quiet within 1 s");
-    assert_eq!(r["conversation_id"], 4, "{r}");
+    assert_eq!(r["conversation_id"], thread, "{r}");
     // A late answer is still passed on, marked as late.
     answer(&mut agent, w.butler_id, "all good");
     let r = w.expect_chat(&mut human, "all good");
@@ -703,19 +782,26 @@ fn silence_from_the_agent_and_from_the_approver_each_time_out_with_a_message() {
         "Quiet (late answer to \"report status\"): all good"
     );
 
-    w.tell(&mut human, "@Quiet reboot now", Some(4));
+    w.tell(&mut human, "@Quiet reboot now", Some(thread));
     let req = expect_auth_request(&w, &mut human, "reboot now", "Quiet");
     let update = w.expect(&mut human, "AUTH_STATUS_UPDATE", "EXPIRED", |_| true);
     assert_eq!(update["payload"]["status"], "EXPIRED", "{update}");
     assert_eq!(update["payload"]["action_id"], req["payload"]["action_id"]);
     w.expect_chat(&mut human, "No decision on \"reboot now\"");
-    // Approving after the expiry (a card reloaded from history) forwards nothing, and says so.
+    // Approving after the expiry (a card reloaded from history) is refused: the server
+    // recorded the Butler's EXPIRED, and nothing is forwarded.
     human.send_json(json!({"type": "AUTH_RESPONSE",
                            "payload": {"action_id": req["payload"]["action_id"],
                                        "approved": true}}));
-    let update = w.expect(&mut human, "AUTH_STATUS_UPDATE", "EXPIRED again", |_| true);
-    assert_eq!(update["payload"]["status"], "EXPIRED", "{update}");
-    w.expect_chat(&mut human, "had already expired, so nothing was forwarded");
+    let e = human.recv_type("ERROR");
+    assert_eq!(e["payload"]["code"], "forbidden", "{e}");
+    assert!(
+        e["payload"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("EXPIRED"),
+        "{e}"
+    );
     assert_eq!(w.instructions_to(agent_id).len(), 1);
     agent.assert_no("CHAT", Duration::from_millis(200));
 }
@@ -837,10 +923,16 @@ fn an_instruction_sent_while_the_butler_was_offline_is_handled_when_it_connects(
     let (_, token) = s.register_agent(&admin, "Storage-Custodian");
     let mut agent = s.ws(&token);
     let mut human = s.ws(&admin);
+    let r = s.post(
+        "/api/chat/threads",
+        &admin,
+        json!({"peer_id": butler_id, "channel_kind": "butler_direct"}),
+    );
+    let thread = r.json()["id"].as_i64().unwrap();
     // Stored for the Butler, delivered when it connects.
     human.send_json(json!({"type": "CHAT", "target_id": butler_id,
                            "payload": "@Storage-Custodian check the disk",
-                           "conversation_id": 9}));
+                           "conversation_id": thread}));
     human.recv_type("CHAT"); // the echo: stored
 
     let log = s.dir.path().join("butler.log");
@@ -856,7 +948,7 @@ fn an_instruction_sent_while_the_butler_was_offline_is_handled_when_it_connects(
     assert_forwarded(&w, &got, "check the disk");
     answer(&mut agent, butler_id, "41% used");
     let r = w.expect_chat(&mut human, "Storage-Custodian: 41% used");
-    assert_eq!(r["conversation_id"], 9, "{r}");
+    assert_eq!(r["conversation_id"], thread, "{r}");
 }
 
 #[test]
@@ -864,7 +956,12 @@ fn sigterm_ends_the_butler_cleanly_and_tells_whoever_is_waiting() {
     let mut w = World::start(&[]);
     let (_, _agent) = w.ws_agent("Storage-Custodian");
     let mut human = w.s.ws(&w.admin);
-    w.tell(&mut human, "@Storage-Custodian shutdown the array", Some(8));
+    let thread = w.new_thread(&w.admin);
+    w.tell(
+        &mut human,
+        "@Storage-Custodian shutdown the array",
+        Some(thread),
+    );
     let req = expect_auth_request(&w, &mut human, "shutdown the array", "Storage-Custodian");
 
     w.butler.signal("TERM");
@@ -875,7 +972,7 @@ fn sigterm_ends_the_butler_cleanly_and_tells_whoever_is_waiting() {
     assert_eq!(update["payload"]["action_id"], req["payload"]["action_id"]);
     assert_eq!(update["payload"]["status"], "EXPIRED");
     let r = w.expect_chat(&mut human, "shutting down");
-    assert_eq!(r["conversation_id"], 8, "{r}");
+    assert_eq!(r["conversation_id"], thread, "{r}");
     w.wait_butler_online(false);
 
     let token = w.s.butler_token(&w.admin);

@@ -286,7 +286,7 @@ fn unknown_routes_are_404_not_found() {
         "/api/nope",
         "/api/users/agents/3/token/extra",
         "/api/chat/history",
-        "/api/chat/threads",
+        "/api/chat/threads/1/messages/extra",
         "/nothing/here",
         "/api",
     ] {

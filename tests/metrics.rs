@@ -188,7 +188,7 @@ fn counters_move_with_traffic() {
     let before = scrape(&s);
     agent.send_text("{not json");
     assert_eq!(agent.recv_type("ERROR")["payload"]["code"], "bad_json");
-    agent.send_json(json!({"type": "TELEPORT"}));
+    agent.send_json(json!({"type": "teleport"}));
     assert_eq!(agent.recv_type("ERROR")["payload"]["code"], "unknown_type");
     agent.send_json(json!({"type": "PRESENCE"}));
     assert_eq!(agent.recv_type("ERROR")["payload"]["code"], "forbidden");

@@ -46,7 +46,8 @@ fn every_malformed_frame_gets_its_error_code_and_the_connection_survives() {
             r#"{"type": "SYSTEM_LOG", "payload": {"level": "INFO"}}"#,
             "bad_envelope",
         ),
-        (r#"{"type": "TELEPORT"}"#, "unknown_type"),
+        (r#"{"type": "teleport"}"#, "unknown_type"),
+        (r#"{"type": "TELE-PORT"}"#, "unknown_type"),
         (r#"{"type": "ACK"}"#, "forbidden"),
         (r#"{"type": "PRESENCE"}"#, "forbidden"),
         (
@@ -78,7 +79,7 @@ fn every_malformed_frame_gets_its_error_code_and_the_connection_survives() {
     // local_id is echoed on errors where the envelope could be read.
     h.send_json(json!({"type": "CHAT", "target_id": 424242, "payload": "x", "local_id": "mine"}));
     assert_eq!(assert_error(&mut h, "target_not_found")["local_id"], "mine");
-    h.send_json(json!({"type": "TELEPORT", "local_id": "mine2"}));
+    h.send_json(json!({"type": "teleport", "local_id": "mine2"}));
     assert_eq!(assert_error(&mut h, "unknown_type")["local_id"], "mine2");
     h.send_json(json!({"type": "CHAT", "target_id": "x", "local_id": "mine3"}));
     assert_eq!(assert_error(&mut h, "bad_envelope")["local_id"], "mine3");

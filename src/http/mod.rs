@@ -126,6 +126,10 @@ enum Endpoint {
     Butler,
     History(String),
     ButlerAgent(String),
+    Threads,
+    Thread(String),
+    ThreadMessages(String),
+    OpsStatus,
     AuthResponse,
     Metrics,
     DevToken(String),
@@ -155,9 +159,13 @@ fn endpoint(path: &str) -> Option<Endpoint> {
         ["api", "users", "agents", id] => Endpoint::Agent(owned(id)),
         ["api", "users", "agents", id, "token"] => Endpoint::AgentToken(owned(id)),
         ["api", "users", "me", "password"] => Endpoint::MyPassword,
+        ["api", "users", "ops", "status"] => Endpoint::OpsStatus,
         ["api", "users", id] => Endpoint::User(owned(id)),
         ["api", "chat", "history", peer] => Endpoint::History(owned(peer)),
         ["api", "chat", "butler-agent", agent] => Endpoint::ButlerAgent(owned(agent)),
+        ["api", "chat", "threads"] => Endpoint::Threads,
+        ["api", "chat", "threads", id] => Endpoint::Thread(owned(id)),
+        ["api", "chat", "threads", id, "messages"] => Endpoint::ThreadMessages(owned(id)),
         ["api", "chat", "auth", "response"] => Endpoint::AuthResponse,
         ["api", "dev", "mock", "agent-token", name] => {
             Endpoint::DevToken(crate::head::percent_decode(name))
@@ -264,6 +272,11 @@ fn route(ctx: &Ctx) -> Result<Reply> {
         (Endpoint::Butler, "GET") => butler(ctx),
         (Endpoint::History(peer), "GET") => history(ctx, &peer),
         (Endpoint::ButlerAgent(agent), "GET") => butler_agent(ctx, &agent),
+        (Endpoint::Threads, "GET") => list_threads(ctx),
+        (Endpoint::Threads, "POST") => create_thread(ctx),
+        (Endpoint::Thread(id), "PATCH") => update_thread(ctx, &id),
+        (Endpoint::ThreadMessages(id), "GET") => thread_messages(ctx, &id),
+        (Endpoint::OpsStatus, "GET") => ops_status(ctx),
         (Endpoint::AuthResponse, "POST") => auth_response(ctx),
         (Endpoint::Metrics, "GET") => metrics(ctx),
         (Endpoint::DevToken(name), "GET") => dev_token(ctx, &name),
@@ -447,7 +460,8 @@ fn user_view(ctx: &Ctx, u: UserRow, last_report: Option<String>) -> UserView {
         wire::MachineView {
             token_hint: u.token_hint.clone(),
             token_updated_at: u.token_updated_at.clone(),
-            status: if online { "ONLINE" } else { "OFFLINE" },
+            status: crate::hub::machine_status(online, presence.busy),
+            activity: if presence.busy { "BUSY" } else { "IDLE" },
             online,
             last_seen_at: presence
                 .last_seen_ms
@@ -1057,6 +1071,127 @@ fn butler_agent(ctx: &Ctx, raw_agent: &str) -> Result<Reply> {
     Ok(Reply::json(200, &chat_rows(&rows)))
 }
 
+// ----- conversation threads (README "Threads") ------------------------------------------
+
+fn thread_view(t: crate::store::ThreadRow) -> wire::ThreadView {
+    wire::ThreadView {
+        id: t.id,
+        owner_user_id: t.owner_user_id,
+        peer_user_id: t.peer_user_id,
+        channel_kind: t.channel_kind,
+        title: t.title,
+        summary: t.summary,
+        is_pinned: t.is_pinned,
+        is_default: t.is_default,
+        archived_at: t.archived_at,
+        last_message_at: t.last_message_at,
+        created_at: t.created_at,
+        updated_at: t.updated_at,
+    }
+}
+
+fn channel_kind_param(raw: &str) -> Result<&'static str> {
+    match raw {
+        "agent_direct" => Ok("agent_direct"),
+        "butler_direct" => Ok("butler_direct"),
+        _ => Err(Reply::error(400, "invalid channel_kind")),
+    }
+}
+
+fn list_threads(ctx: &Ctx) -> Result<Reply> {
+    let who = authorize(ctx, Access::Human)?;
+    let peer = int_param(ctx, "peer_id", 1, i64::MAX)?;
+    let kind = param(ctx, "channel_kind")
+        .map(|k| channel_kind_param(&k))
+        .transpose()?;
+    let rows = ctx.app.store.threads(who.id, peer, kind)?;
+    let views: Vec<wire::ThreadView> = rows.into_iter().map(thread_view).collect();
+    Ok(Reply::json(200, &views))
+}
+
+fn create_thread(ctx: &Ctx) -> Result<Reply> {
+    let who = authorize(ctx, Access::Human)?;
+    let req: wire::CreateThreadRequest = json_body(ctx)?;
+    let (Some(peer), Some(kind)) = (req.peer_id, req.channel_kind.as_deref()) else {
+        return Err(Reply::error(400, "peer_id and channel_kind are required"));
+    };
+    let kind = channel_kind_param(kind)?;
+    let peer_user = ctx
+        .app
+        .store
+        .user_by_id(peer)?
+        .filter(|u| !u.deleted && !u.role.is_human())
+        .ok_or_else(|| Reply::error(400, "invalid peer_id"))?;
+    if crate::hub::channel_kind(peer_user.role) != kind {
+        return Err(Reply::error(400, "invalid channel_kind"));
+    }
+    let title = req
+        .title
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .unwrap_or("New conversation");
+    if title.chars().count() > 200 {
+        return Err(Reply::error(400, "title is too long"));
+    }
+    let row = ctx.app.store.create_thread(who.id, peer, kind, title)?;
+    Ok(Reply::json(201, &thread_view(row)))
+}
+
+/// The caller's own thread, or 404 `conversation thread not found` (also for others').
+fn own_thread(ctx: &Ctx, who: &Principal, raw_id: &str) -> Result<crate::store::ThreadRow> {
+    let not_found = || Reply::error(404, "conversation thread not found");
+    let id = raw_id.parse::<i64>().map_err(|_| not_found())?;
+    ctx.app
+        .store
+        .thread(id)?
+        .filter(|t| t.owner_user_id == who.id)
+        .ok_or_else(not_found)
+}
+
+fn update_thread(ctx: &Ctx, raw_id: &str) -> Result<Reply> {
+    let who = authorize(ctx, Access::Human)?;
+    let req: wire::UpdateThreadRequest = json_body(ctx)?;
+    let thread = own_thread(ctx, &who, raw_id)?;
+    let title = match req.title.as_deref().map(str::trim) {
+        Some("") => Some("New conversation".to_string()),
+        Some(t) if t.chars().count() > 200 => return Err(Reply::error(400, "title is too long")),
+        other => other.map(str::to_string),
+    };
+    let change = crate::store::ThreadChange {
+        title,
+        summary: req.summary,
+        is_pinned: req.is_pinned,
+        is_archived: req.is_archived,
+    };
+    let row = ctx.app.store.update_thread(thread.id, &change)?;
+    Ok(Reply::json(200, &thread_view(row)))
+}
+
+fn thread_messages(ctx: &Ctx, raw_id: &str) -> Result<Reply> {
+    let who = authorize(ctx, Access::Human)?;
+    let thread = own_thread(ctx, &who, raw_id)?;
+    let limit = int_param(ctx, "limit", 1, 500)?.unwrap_or(200);
+    let before = int_param(ctx, "before_id", 1, i64::MAX)?;
+    let rows = ctx.app.store.thread_messages(thread.id, limit, before)?;
+    Ok(Reply::json(200, &chat_rows(&rows)))
+}
+
+/// The original's optional operations executor is not part of EchoCenter; its dashboard polls
+/// this and shows a red banner on a 404, so it gets the "not configured" answer.
+fn ops_status(ctx: &Ctx) -> Result<Reply> {
+    authorize(ctx, Access::Human)?;
+    Ok(Reply::json(
+        200,
+        &serde_json::json!({
+            "enabled": false,
+            "worker_reachable": false,
+            "node_count": 0,
+            "ssh_key_count": 0
+        }),
+    ))
+}
+
 fn auth_response(ctx: &Ctx) -> Result<Reply> {
     let who = authorize(ctx, Access::Human)?;
     let req: wire::AuthResponseRequest = json_body(ctx)?;
@@ -1070,6 +1205,10 @@ fn auth_response(ctx: &Ctx) -> Result<Reply> {
             &serde_json::json!({"status": "processed"}),
         )),
         Err(e) if e.code == Code::TargetNotFound => Err(Reply::error(404, "butler not found")),
+        Err(e) if e.code == Code::Forbidden && e.message.contains("already answered") => {
+            Err(Reply::error(409, "approval already answered"))
+        }
+        Err(e) if e.code == Code::Forbidden => Err(Reply::error(403, "forbidden")),
         Err(_) => Err(Reply::error(500, "internal server error")),
     }
 }

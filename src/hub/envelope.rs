@@ -8,6 +8,8 @@ use crate::wire::{self, Code, Kind};
 /// A validated inbound frame.
 pub struct Envelope {
     pub kind: Kind,
+    /// A custom type's name (`kind` is then `Kind::Custom`).
+    pub custom: Option<String>,
     pub target_id: i64,
     pub payload: Option<Box<RawValue>>,
     pub local_id: Option<String>,
@@ -22,6 +24,13 @@ pub struct FrameError {
     pub code: Code,
     pub message: String,
     pub local_id: Option<String>,
+}
+
+impl Envelope {
+    /// The type as it goes on the wire.
+    pub fn type_name(&self) -> &str {
+        self.custom.as_deref().unwrap_or(self.kind.as_str())
+    }
 }
 
 pub fn refuse(code: Code, message: impl Into<String>) -> FrameError {
@@ -85,6 +94,7 @@ fn validate_envelope(raw: wire::RawEnvelope<'_>) -> Result<Envelope, FrameError>
         Some(serde_json::Value::String(s)) => s.as_str(),
         _ => return Err(refuse(Code::BadEnvelope, "type must be a string")),
     };
+    let raw_kind = kind;
     let kind = match Kind::parse(kind) {
         Some(k) if k.server_only() => {
             return Err(refuse(
@@ -93,13 +103,17 @@ fn validate_envelope(raw: wire::RawEnvelope<'_>) -> Result<Envelope, FrameError>
             ))
         }
         Some(k) => k,
+        None if Kind::is_custom_name(kind) => Kind::Custom,
         None => {
             return Err(refuse(
                 Code::UnknownType,
-                format!("unknown frame type {kind:?}"),
+                format!(
+                    "unknown frame type {kind:?}: known types, or 1-32 characters of A-Z 0-9 _"
+                ),
             ))
         }
     };
+    let custom = (kind == Kind::Custom).then(|| raw_kind.to_string());
     let target_id = match &raw.target_id {
         None => 0,
         Some(v) => v
@@ -141,6 +155,7 @@ fn validate_envelope(raw: wire::RawEnvelope<'_>) -> Result<Envelope, FrameError>
     }
     Ok(Envelope {
         kind,
+        custom,
         target_id,
         payload: raw.payload.map(ToOwned::to_owned),
         local_id,
@@ -314,7 +329,13 @@ mod tests {
             code(r#"{"type":"CHAT","target_id":-1}"#),
             Some("bad_envelope")
         );
-        assert_eq!(code(r#"{"type":"NOPE"}"#), Some("unknown_type"));
+        assert_eq!(code(r#"{"type":"NOPE"}"#), None, "a custom type");
+        assert_eq!(code(r#"{"type":"nope"}"#), Some("unknown_type"));
+        assert_eq!(
+            code(&format!(r#"{{"type":"{}"}}"#, "X".repeat(33))),
+            Some("unknown_type")
+        );
+        assert_eq!(code(r#"{"type":"WEATHER-UPDATE"}"#), Some("unknown_type"));
         assert_eq!(code(r#"["CHAT",2,"hi"]"#), Some("bad_envelope"));
         assert_eq!(code(r#"[1,2"#), Some("bad_json"));
         let deep = format!(

@@ -17,6 +17,7 @@ mod conn;
 mod envelope;
 mod replay;
 mod session;
+mod threads;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -29,6 +30,7 @@ pub use conn::{Conn, ConnQueues, Control, Outbound};
 pub use envelope::{normalize_level, parse_log_payload, FrameError};
 pub use replay::Replay;
 pub use session::{End, Inbound, Session};
+pub use threads::channel_kind;
 
 use crate::identity::{Principal, Role};
 use crate::metrics::Metrics;
@@ -37,6 +39,7 @@ use crate::wire::{self, Close, Code, Frame, Kind};
 use crate::{clock, log_debug, log_error};
 use conn::Shared;
 use envelope::{refuse, Envelope};
+use threads::ThreadCache;
 
 /// Most live connections one user may hold.
 pub const MAX_CONNS_PER_USER: usize = 16;
@@ -54,6 +57,9 @@ struct Registry {
     /// When each machine user that went offline during this run was last seen (epoch ms).
     /// Written before the user leaves `by_user`, so whoever sees it offline sees this too.
     last_seen: HashMap<i64, i64>,
+    /// Machine users online that said they are BUSY (AGENT_STATUS); cleared when they go
+    /// offline.
+    busy: std::collections::HashSet<i64>,
 }
 
 /// A routing target: a live user.
@@ -71,6 +77,8 @@ pub enum RegisterError {
 /// Whether a machine user is online, as the registry sees it.
 pub struct LivePresence {
     pub online: bool,
+    /// Online and said it is BUSY.
+    pub busy: bool,
     /// Online: its latest frame or connect; offline: its disconnect during this run (None
     /// when it has not disconnected since the server started: the database knows).
     pub last_seen_ms: Option<i64>,
@@ -84,14 +92,15 @@ struct Landing {
 
 /// How a landed frame is routed once its row is committed.
 enum Route {
-    Relay(Envelope, Target),
+    /// A relayed frame; for an AUTH_RESPONSE, the request it answers.
+    Relay(Envelope, Target, Option<store::Approval>),
     Log(NewLog),
 }
 
 impl Route {
     fn local_id(&self) -> Option<&str> {
         match self {
-            Route::Relay(env, _) => env.local_id.as_deref(),
+            Route::Relay(env, ..) => env.local_id.as_deref(),
             Route::Log(log) => log.local_id.as_deref(),
         }
     }
@@ -104,6 +113,7 @@ pub struct Hub {
     registry: RwLock<Registry>,
     presence: Mutex<()>,
     directory: Mutex<HashMap<i64, (Instant, Target)>>,
+    threads: ThreadCache,
     next_conn_id: AtomicU64,
     /// Connections of every kind (REST and WebSocket) open right now.
     pub open_sockets: AtomicUsize,
@@ -118,6 +128,7 @@ impl Hub {
             registry: RwLock::new(Registry::default()),
             presence: Mutex::new(()),
             directory: Mutex::new(HashMap::new()),
+            threads: ThreadCache::default(),
             next_conn_id: AtomicU64::new(1),
             open_sockets: AtomicUsize::new(0),
         })
@@ -162,7 +173,12 @@ impl Hub {
             // For the command line (`agent list`): the database's view of who is online.
             self.store
                 .set_presence(conn.principal.id, Presence::Online(now.clone()));
-            self.announce_presence(&conn.principal, true, &now);
+            self.announce_presence(&conn.principal, true, false, &now);
+            if conn.principal.role == Role::Butler {
+                for notice in self.take_butler_notices() {
+                    conn.deliver(notice.to(None));
+                }
+            }
         }
         Ok((conn, queues, first))
     }
@@ -200,6 +216,7 @@ impl Hub {
             let mut reg = self.write();
             if last && machine {
                 reg.last_seen.insert(conn.principal.id, now);
+                reg.busy.remove(&conn.principal.id);
             }
             if let Some(list) = reg.by_user.get_mut(&conn.principal.id) {
                 list.retain(|c| c.id != conn.id);
@@ -213,7 +230,7 @@ impl Hub {
         }
         self.metrics.connection_closed(conn.principal.role);
         if last && machine {
-            self.announce_presence(&conn.principal, false, &clock::format_ms(now));
+            self.announce_presence(&conn.principal, false, false, &clock::format_ms(now));
         }
     }
 
@@ -235,10 +252,12 @@ impl Hub {
         match reg.by_user.get(&user_id) {
             Some(list) => LivePresence {
                 online: true,
+                busy: reg.busy.contains(&user_id),
                 last_seen_ms: list.iter().map(|c| c.last_activity_ms()).max(),
             },
             None => LivePresence {
                 online: false,
+                busy: false,
                 last_seen_ms: reg.last_seen.get(&user_id).copied(),
             },
         }
@@ -368,7 +387,12 @@ impl Hub {
             Err(e) => return Err(storage_failed(e).about(route.local_id())),
         };
         match route {
-            Route::Relay(env, target) => self.route_relay(from, &env, target, Some(&stored)),
+            Route::Relay(env, target, answer) => {
+                if let (Some(approval), false) = (&answer, stored.duplicate) {
+                    self.record_answer(approval, env.payload.as_deref());
+                }
+                self.route_relay(from, &env, target, Some(&stored))
+            }
             Route::Log(log) => self.route_log(from, &log, &stored),
         }
         Ok(())
@@ -393,7 +417,7 @@ impl Hub {
             Kind::SystemLog => self.system_log(from, env).map(Some),
             Kind::Chat | Kind::ChatStream | Kind::ChatStreamEnd => {
                 let target = self.require_target(env.target_id)?;
-                self.relay(from, env, target)
+                self.relay(from, env, target, None)
             }
             Kind::AuthRequest => {
                 if me.role != Role::Butler {
@@ -406,7 +430,7 @@ impl Hub {
                 if !target.role.is_human() {
                     return Err(refuse(Code::Forbidden, "AUTH_REQUEST must target a human"));
                 }
-                self.relay(from, env, target)
+                self.relay(from, env, target, None)
             }
             Kind::AuthResponse => {
                 if !me.role.is_human() {
@@ -428,7 +452,13 @@ impl Hub {
                     ));
                 }
                 let target = self.require_target(target_id)?;
-                self.relay(from, Envelope { target_id, ..env }, target)
+                let mut env = Envelope { target_id, ..env };
+                let answer = self.check_answer(me, env.payload.as_deref())?;
+                // The answer goes into the request's thread unless it names one.
+                if env.conversation_id.is_none() {
+                    env.conversation_id = answer.as_ref().and_then(|a| a.conversation_id);
+                }
+                self.relay(from, env, target, answer)
             }
             Kind::AuthStatusUpdate => {
                 if me.role != Role::Butler {
@@ -437,15 +467,28 @@ impl Hub {
                         "only the Butler may send AUTH_STATUS_UPDATE",
                     ));
                 }
+                // The Butler's own word on its request (it expired one, say) is remembered.
+                self.record_status_update(me, env.payload.as_deref());
                 if env.target_id == 0 {
-                    let frame = self.frame_from(me, &env, None, &clock::now_rfc3339());
-                    for c in self.humans() {
-                        c.deliver(frame.to(None));
-                    }
+                    self.to_every_human(me, &env);
                     Ok(None)
                 } else {
                     let target = self.require_target(env.target_id)?;
-                    self.relay(from, env, target)
+                    self.relay(from, env, target, None)
+                }
+            }
+            Kind::AgentStatus => {
+                self.agent_status(me, &env)?;
+                Ok(None)
+            }
+            Kind::Custom => {
+                // Routed like CHAT_STREAM; with no target, to every human, never to agents.
+                if env.target_id == 0 {
+                    self.to_every_human(me, &env);
+                    Ok(None)
+                } else {
+                    let target = self.require_target(env.target_id)?;
+                    self.relay(from, env, target, None)
                 }
             }
             // The envelope parser admits no server-only kind.
@@ -454,6 +497,57 @@ impl Hub {
                 format!("{} frames are sent by the server only", env.kind.as_str()),
             )),
         }
+    }
+
+    fn to_every_human(&self, me: &Principal, env: &Envelope) {
+        let frame = self.frame_from(me, env, None, &clock::now_rfc3339());
+        for c in self.humans() {
+            c.deliver(frame.to(None));
+        }
+    }
+
+    /// AGENT_STATUS `{"status": "BUSY"|"IDLE"}` (or the bare string): an agent's or the
+    /// Butler's own word on whether it is busy, shown with its presence until it goes offline.
+    fn agent_status(&self, me: &Principal, env: &Envelope) -> Result<(), FrameError> {
+        if me.role.is_human() {
+            return Err(refuse(
+                Code::Forbidden,
+                "only agents and the Butler may send AGENT_STATUS",
+            ));
+        }
+        let raw = env.payload.as_deref().map(RawValue::get).unwrap_or("null");
+        let status = match serde_json::from_str::<serde_json::Value>(raw) {
+            Ok(serde_json::Value::String(s)) => s,
+            Ok(serde_json::Value::Object(o)) => o
+                .get("status")
+                .and_then(|s| s.as_str())
+                .unwrap_or("")
+                .to_string(),
+            _ => String::new(),
+        };
+        let busy = match status.to_ascii_uppercase().as_str() {
+            "BUSY" => true,
+            "IDLE" => false,
+            _ => {
+                return Err(refuse(
+                    Code::BadEnvelope,
+                    r#"AGENT_STATUS payload must be {"status":"BUSY"} or {"status":"IDLE"}"#,
+                ))
+            }
+        };
+        let changed = {
+            let _presence = self.presence.lock().unwrap_or_else(|p| p.into_inner());
+            let mut reg = self.write();
+            if busy {
+                reg.busy.insert(me.id)
+            } else {
+                reg.busy.remove(&me.id)
+            }
+        };
+        if changed {
+            self.announce_presence(me, true, busy, &clock::now_rfc3339());
+        }
+        Ok(())
     }
 
     fn require_target(&self, target_id: i64) -> Result<Target, FrameError> {
@@ -480,9 +574,11 @@ impl Hub {
     fn relay(
         &self,
         from: &Arc<Conn>,
-        env: Envelope,
+        mut env: Envelope,
         target: Target,
+        answer: Option<store::Approval>,
     ) -> Result<Option<Landing>, FrameError> {
+        self.file(&from.principal, target, &mut env)?;
         if !env.kind.stored() {
             self.route_relay(from, &env, target, None);
             return Ok(None);
@@ -490,7 +586,7 @@ impl Hub {
         let pending = self.submit_chat(&from.principal, &env, target);
         Ok(Some(Landing {
             pending,
-            route: Route::Relay(env, target),
+            route: Route::Relay(env, target, answer),
         }))
     }
 
@@ -568,7 +664,7 @@ impl Hub {
     ) -> Shared {
         let frame = Frame {
             id,
-            kind: env.kind.as_str(),
+            kind: env.type_name(),
             sender_id: me.id,
             sender_name: &me.username,
             sender_role: me.role.as_str(),
@@ -705,21 +801,27 @@ impl Hub {
         Shared::new(Kind::SystemLog, frame.to_json())
     }
 
-    /// Delivers an AUTH_RESPONSE posted over REST to the Butler, stored like a WS frame.
+    /// Delivers an AUTH_RESPONSE posted over REST to the Butler, stored like a WS frame,
+    /// and checked and remembered like one (README "Approvals").
     pub fn post_auth_response(&self, me: &Principal, payload: &RawValue) -> Result<(), FrameError> {
         let butler = self.require_target(self.butler_id()?)?;
+        let answer = self.check_answer(me, Some(payload))?;
         let env = Envelope {
             kind: Kind::AuthResponse,
+            custom: None,
             target_id: butler.id,
             payload: Some(payload.to_owned()),
             local_id: None,
             stream_id: None,
-            conversation_id: None,
+            conversation_id: answer.as_ref().and_then(|a| a.conversation_id),
         };
         let stored = self
             .submit_chat(me, &env, butler)
             .wait()
             .map_err(storage_failed)?;
+        if let Some(approval) = &answer {
+            self.record_answer(approval, Some(payload));
+        }
         let frame = self.frame_from(me, &env, Some(stored.id), &stored.timestamp);
         for c in self.conns_of(butler.id) {
             c.deliver(frame.to(Some(stored.id)));
@@ -727,13 +829,15 @@ impl Hub {
         Ok(())
     }
 
-    fn announce_presence(&self, who: &Principal, online: bool, now: &str) {
+    fn announce_presence(&self, who: &Principal, online: bool, busy: bool, now: &str) {
         let payload = raw_json(&wire::PresencePayload {
             user_id: who.id,
             username: &who.username,
             role: who.role.as_str(),
             online,
             last_seen_at: Some(now),
+            status: machine_status(online, busy),
+            activity: if busy { "BUSY" } else { "IDLE" },
         });
         let frame = Shared::new(
             Kind::Presence,
@@ -779,6 +883,16 @@ impl LogRates {
         } else {
             false
         }
+    }
+}
+
+/// A machine user's `status` as agent objects and PRESENCE spell it: ONLINE, BUSY (online and
+/// said so; the original dashboard shows it) or OFFLINE.
+pub fn machine_status(online: bool, busy: bool) -> &'static str {
+    match (online, busy) {
+        (true, true) => "BUSY",
+        (true, false) => "ONLINE",
+        (false, _) => "OFFLINE",
     }
 }
 

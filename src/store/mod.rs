@@ -194,6 +194,46 @@ pub struct ReplayShares {
     pub agent_window: i64,
 }
 
+/// A conversation thread (README "Threads").
+#[derive(Debug, Clone)]
+pub struct ThreadRow {
+    pub id: i64,
+    pub owner_user_id: i64,
+    pub peer_user_id: i64,
+    pub channel_kind: String,
+    pub title: String,
+    pub summary: Option<String>,
+    pub is_pinned: bool,
+    pub is_default: bool,
+    pub archived_at: Option<String>,
+    pub last_message_at: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// A change to a thread; absent fields stay as they are.
+#[derive(Debug, Default)]
+pub struct ThreadChange {
+    pub title: Option<String>,
+    pub summary: Option<String>,
+    pub is_pinned: Option<bool>,
+    pub is_archived: Option<bool>,
+}
+
+/// A stored AUTH_REQUEST, found by its payload's `action_id`.
+#[derive(Debug, Clone)]
+pub struct Approval {
+    /// The AUTH_REQUEST row.
+    pub id: i64,
+    pub action_id: String,
+    /// The Butler that asked, and the human asked.
+    pub butler_id: i64,
+    pub human_id: i64,
+    /// PENDING, APPROVED, REJECTED or EXPIRED.
+    pub status: String,
+    pub conversation_id: Option<i64>,
+}
+
 /// What retention keeps (None: no limit of that kind).
 #[derive(Debug, Clone, Default)]
 pub struct Retention {
@@ -334,6 +374,40 @@ pub trait Backend: Send + std::marker::Sync {
     fn rotate_token(&self, user_id: i64, token: &AgentToken, keep_raw: bool) -> Result<()>;
     /// Marks an agent deleted and drops its credential; its history stays.
     fn delete_agent(&self, user_id: i64) -> Result<()>;
+
+    // ----- conversation threads ---------------------------------------------------------
+    /// A human's threads, optionally with one peer or of one kind: pinned first, then by the
+    /// newest message (threads without one last), then newest first.
+    fn threads(
+        &self,
+        owner: i64,
+        peer: Option<i64>,
+        channel_kind: Option<&str>,
+    ) -> Result<Vec<ThreadRow>>;
+    fn thread(&self, id: i64) -> Result<Option<ThreadRow>>;
+    fn create_thread(
+        &self,
+        owner: i64,
+        peer: i64,
+        channel_kind: &str,
+        title: &str,
+    ) -> Result<ThreadRow>;
+    /// The pair's default thread, created on first use.
+    fn default_thread(&self, owner: i64, peer: i64, channel_kind: &str) -> Result<ThreadRow>;
+    fn update_thread(&self, id: i64, change: &ThreadChange) -> Result<ThreadRow>;
+    /// A thread's stored rows: the newest `limit` below `before_id`, oldest first.
+    fn thread_messages(&self, id: i64, limit: i64, before_id: Option<i64>) -> Result<Vec<ChatRow>>;
+    /// The thread of the newest stored frame `human` sent `peer` that named one.
+    fn last_thread(&self, human: i64, peer: i64) -> Result<Option<i64>>;
+
+    // ----- approvals --------------------------------------------------------------------
+    /// The newest stored AUTH_REQUEST whose payload has this `action_id`.
+    fn approval(&self, action_id: &str) -> Result<Option<Approval>>;
+    /// Rewrites a PENDING request's status (APPROVED, REJECTED, EXPIRED); false when it was
+    /// no longer pending.
+    fn set_approval_status(&self, request_id: i64, status: &str) -> Result<bool>;
+    /// Every PENDING request stored before `before` (all of them when None) becomes EXPIRED.
+    fn expire_approvals(&self, before: Option<&str>) -> Result<Vec<Approval>>;
 
     // ----- logs and chat ----------------------------------------------------------------
     fn logs(&self, q: &LogQuery) -> Result<Vec<LogRow>>;

@@ -17,8 +17,9 @@ use serde_json::value::RawValue;
 
 use super::writer::{Batches, Job, Outcome};
 use super::{
-    Backend, ChatRow, Delivery, HumanChange, LogQuery, LogRow, NewChat, NewLog, NewMachine,
-    ReplayShares, Result, Retired, StoreError, Stored, UserRow,
+    Approval, Backend, ChatRow, Delivery, HumanChange, LogQuery, LogRow, NewChat, NewLog,
+    NewMachine, ReplayShares, Result, Retired, StoreError, Stored, ThreadChange, ThreadRow,
+    UserRow,
 };
 use crate::clock;
 use crate::config::Sync;
@@ -32,6 +33,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "003_retention_search",
         include_str!("../../sql/003_retention_search.sql"),
     ),
+    ("004_threads", include_str!("../../sql/004_threads.sql")),
 ];
 /// Connections for authentication and routing lookups, and for everything else.
 const AUTH_CONNECTIONS: usize = 2;
@@ -236,7 +238,8 @@ impl Backend for Sqlite {
              DELETE FROM machine_credentials;
              DELETE FROM users;
              DELETE FROM log_usage;
-             DELETE FROM sqlite_sequence WHERE name IN ('users', 'messages', 'chat_messages');",
+             DELETE FROM sqlite_sequence
+                 WHERE name IN ('users', 'messages', 'chat_messages', 'conversation_threads');",
         )?;
         tx.commit()?;
         Ok(())
@@ -598,6 +601,158 @@ impl Backend for Sqlite {
         Ok(out)
     }
 
+    // ----- conversation threads ---------------------------------------------------------
+
+    fn threads(
+        &self,
+        owner: i64,
+        peer: Option<i64>,
+        channel_kind: Option<&str>,
+    ) -> Result<Vec<ThreadRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{THREAD_SELECT} WHERE owner_user_id = ?1 AND (?2 IS NULL OR peer_user_id = ?2)
+               AND (?3 IS NULL OR channel_kind = ?3)
+             ORDER BY is_pinned DESC, last_message_at IS NULL, last_message_at DESC, id DESC"
+        ))?;
+        let rows = stmt.query_map(params![owner, peer, channel_kind], thread_from_row)?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    fn thread(&self, id: i64) -> Result<Option<ThreadRow>> {
+        thread_by_id(&self.auth_conn(), id)
+    }
+
+    fn create_thread(
+        &self,
+        owner: i64,
+        peer: i64,
+        channel_kind: &str,
+        title: &str,
+    ) -> Result<ThreadRow> {
+        let conn = self.conn();
+        let id = insert_thread(&conn, owner, peer, channel_kind, title, false)?;
+        thread_by_id(&conn, id)?.ok_or(StoreError::NotFound)
+    }
+
+    fn default_thread(&self, owner: i64, peer: i64, channel_kind: &str) -> Result<ThreadRow> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM conversation_threads
+                 WHERE owner_user_id = ?1 AND peer_user_id = ?2 AND is_default = 1",
+                params![owner, peer],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let id = match existing {
+            Some(id) => id,
+            None => insert_thread(&tx, owner, peer, channel_kind, "New conversation", true)?,
+        };
+        tx.commit()?;
+        thread_by_id(&conn, id)?.ok_or(StoreError::NotFound)
+    }
+
+    fn update_thread(&self, id: i64, change: &ThreadChange) -> Result<ThreadRow> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let now = clock::now_rfc3339();
+        let archived_at: Option<Option<&str>> =
+            change
+                .is_archived
+                .map(|a| if a { Some(now.as_str()) } else { None });
+        let n = tx.execute(
+            "UPDATE conversation_threads SET
+                 title = COALESCE(?2, title),
+                 summary = CASE WHEN ?3 IS NULL THEN summary ELSE NULLIF(?3, '') END,
+                 is_pinned = COALESCE(?4, is_pinned),
+                 archived_at = CASE WHEN ?5 THEN CASE WHEN ?6 IS NULL THEN NULL
+                                   ELSE COALESCE(archived_at, ?6) END ELSE archived_at END,
+                 updated_at = ?7
+             WHERE id = ?1",
+            params![
+                id,
+                change.title,
+                change.summary,
+                change.is_pinned,
+                archived_at.is_some(),
+                archived_at.flatten(),
+                now
+            ],
+        )?;
+        tx.commit()?;
+        if n == 0 {
+            return Err(StoreError::NotFound);
+        }
+        thread_by_id(&conn, id)?.ok_or(StoreError::NotFound)
+    }
+
+    fn thread_messages(&self, id: i64, limit: i64, before_id: Option<i64>) -> Result<Vec<ChatRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{CHAT_SELECT} WHERE conversation_id = ?1 AND (?2 IS NULL OR id < ?2)
+             ORDER BY id DESC LIMIT ?3"
+        ))?;
+        let rows = stmt.query_map(params![id, before_id, limit], chat_from_row)?;
+        let mut out: Vec<ChatRow> = rows.collect::<std::result::Result<_, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    fn last_thread(&self, human: i64, peer: i64) -> Result<Option<i64>> {
+        Ok(self
+            .auth_conn()
+            .query_row(
+                "SELECT conversation_id FROM chat_messages
+                 WHERE sender_id = ?1 AND receiver_id = ?2 AND conversation_id IS NOT NULL
+                 ORDER BY id DESC LIMIT 1",
+                params![human, peer],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    // ----- approvals --------------------------------------------------------------------
+
+    fn approval(&self, action_id: &str) -> Result<Option<Approval>> {
+        let conn = self.auth_conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, json_extract(content, '$.action_id'), sender_id, receiver_id,
+                    COALESCE(json_extract(content, '$.status'), 'PENDING'), conversation_id
+             FROM chat_messages
+             WHERE type = 'AUTH_REQUEST' AND json_extract(content, '$.action_id') = ?1
+             ORDER BY id DESC LIMIT 1",
+        )?;
+        Ok(stmt.query_row([action_id], approval_from_row).optional()?)
+    }
+
+    fn set_approval_status(&self, request_id: i64, status: &str) -> Result<bool> {
+        let n = self.conn().execute(
+            "UPDATE chat_messages SET content = json_set(content, '$.status', ?2)
+             WHERE id = ?1 AND type = 'AUTH_REQUEST' AND json_valid(content)
+               AND json_type(content) = 'object'
+               AND COALESCE(json_extract(content, '$.status'), 'PENDING') = 'PENDING'",
+            params![request_id, status],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn expire_approvals(&self, before: Option<&str>) -> Result<Vec<Approval>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "UPDATE chat_messages SET content = json_set(content, '$.status', 'EXPIRED')
+             WHERE type = 'AUTH_REQUEST' AND json_valid(content) AND json_type(content) = 'object'
+               AND COALESCE(json_extract(content, '$.status'), 'PENDING') = 'PENDING'
+               AND json_extract(content, '$.action_id') IS NOT NULL
+               AND (?1 IS NULL OR timestamp < ?1)
+             RETURNING id, json_extract(content, '$.action_id'), sender_id, receiver_id,
+                       'EXPIRED', conversation_id",
+        )?;
+        let rows = stmt.query_map([before], approval_from_row)?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
     // ----- chat -------------------------------------------------------------------------
 
     /// Both directions between `a` and `b`: the newest `limit` rows below `before_id`,
@@ -689,6 +844,61 @@ fn chat_from_row(r: &rusqlite::Row) -> rusqlite::Result<ChatRow> {
         conversation_id: r.get(7)?,
         timestamp: r.get(8)?,
         delivery: Delivery::from_column(r.get(9)?),
+    })
+}
+
+const THREAD_SELECT: &str = "SELECT id, owner_user_id, peer_user_id, channel_kind, title, summary,
+        is_pinned, is_default, archived_at, last_message_at, created_at, updated_at
+     FROM conversation_threads";
+
+fn thread_from_row(r: &rusqlite::Row) -> rusqlite::Result<ThreadRow> {
+    Ok(ThreadRow {
+        id: r.get(0)?,
+        owner_user_id: r.get(1)?,
+        peer_user_id: r.get(2)?,
+        channel_kind: r.get(3)?,
+        title: r.get(4)?,
+        summary: r.get(5)?,
+        is_pinned: r.get(6)?,
+        is_default: r.get(7)?,
+        archived_at: r.get(8)?,
+        last_message_at: r.get(9)?,
+        created_at: r.get(10)?,
+        updated_at: r.get(11)?,
+    })
+}
+
+fn thread_by_id(conn: &Connection, id: i64) -> Result<Option<ThreadRow>> {
+    let mut stmt = conn.prepare_cached(&format!("{THREAD_SELECT} WHERE id = ?1"))?;
+    Ok(stmt.query_row([id], thread_from_row).optional()?)
+}
+
+fn insert_thread(
+    conn: &Connection,
+    owner: i64,
+    peer: i64,
+    channel_kind: &str,
+    title: &str,
+    is_default: bool,
+) -> Result<i64> {
+    let now = clock::now_rfc3339();
+    conn.execute(
+        "INSERT INTO conversation_threads
+             (owner_user_id, peer_user_id, channel_kind, title, is_default, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+        params![owner, peer, channel_kind, title, is_default, now],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
+fn approval_from_row(r: &rusqlite::Row) -> rusqlite::Result<Approval> {
+    Ok(Approval {
+        id: r.get(0)?,
+        action_id: r.get(1)?,
+        butler_id: r.get(2)?,
+        human_id: r.get(3)?,
+        status: r.get(4)?,
+        conversation_id: r.get(5)?,
     })
 }
 
@@ -1207,8 +1417,15 @@ fn write_chat(tx: &rusqlite::Transaction, c: &NewChat) -> Result<Stored> {
         timestamp,
         !c.forward
     ])?;
+    let id = tx.last_insert_rowid();
+    if let Some(thread) = c.conversation_id {
+        tx.prepare_cached(
+            "UPDATE conversation_threads SET last_message_at = ?2, updated_at = ?2 WHERE id = ?1",
+        )?
+        .execute(params![thread, timestamp])?;
+    }
     Ok(Stored {
-        id: tx.last_insert_rowid(),
+        id,
         timestamp,
         duplicate: false,
     })
