@@ -179,7 +179,7 @@ test('dashboard: login, agents, live log, streamed chat, approvals, reload, reco
     await page.getByLabel('Message', { exact: true }).press('Enter');
     const queued = page.locator('#chat-log .msg[data-sender="me"][data-status="queued"]', { hasText: 'are you there?' });
     await queued.waitFor();
-    await queued.locator('.state', { hasText: 'queued' }).waitFor();
+    await queued.locator('.state', { hasText: 'queued, will be delivered when e2e-offline connects' }).waitFor();
     await page.locator('#chat-log .msg[data-sender="me"][data-status="queued"][data-msg-id]').waitFor(); // stored
 
     step('the agent connects with the connect line from the token card and gets the queued message');
