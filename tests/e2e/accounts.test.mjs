@@ -122,6 +122,8 @@ test('users page, change my password, sessions that end', { timeout: 240_000 }, 
   step('a disabled account cannot sign in, and is told so');
   await uiLogin(alice, 'alice', 'alice-pass-1');
   await alice.locator('#login-error', { hasText: 'Account disabled' }).waitFor();
+  assert.equal(await alice.locator('#login-notice').isVisible(), true, 'why the session ended stays above the form');
+  await alice.locator('#login-view form').screenshot({ path: path.join(SHOTS, 'dashboard-login-disabled.png') });
 
   step('enable alice: she signs in again');
   await row('alice').getByRole('button', { name: 'Enable alice' }).click();
