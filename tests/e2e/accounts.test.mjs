@@ -46,7 +46,11 @@ async function withWorld(run) {
       await page.goto(base + '/');
       return page;
     };
-    await run({ base, api, open, procs, errors });
+    await run({ base, api, open, procs, errors, tab: async (page, name) => {
+      const other = await watchedPage(page.context(), errors, name);
+      await other.goto(base + '/');
+      return other;
+    } });
     assert.deepEqual(errors, [], 'no JavaScript errors and nothing blocked on the pages');
   } catch (err) {
     const dumps = [server?.out?.dump?.(), ...procs.map((p) => p.out.dump())].filter(Boolean).join('\n');
@@ -60,7 +64,7 @@ async function withWorld(run) {
   }
 }
 
-test('users page, change my password, sessions that end', { timeout: 240_000 }, () => withWorld(async ({ api, open }) => {
+test('users page, change my password, sessions that end', { timeout: 240_000 }, () => withWorld(async ({ api, open, tab }) => {
   step('an admin signs in: the header offers the Users page');
   const admin = await open('admin');
   await uiLogin(admin, 'admin', 'admin123');
@@ -176,6 +180,9 @@ test('users page, change my password, sessions that end', { timeout: 240_000 }, 
   const admin2 = await open('admin-elsewhere');
   await uiLogin(admin2, 'admin', 'admin123');
   await admin2.locator('#conn[data-state="live"]').waitFor();
+  // A second tab of the same browser shares the stored session.
+  const sameBrowser = await tab(admin, 'admin-tab2');
+  await sameBrowser.locator('#conn[data-state="live"]').waitFor();
   const oldToken = await admin.evaluate(() => localStorage.getItem('token'));
   await admin.locator('#user-menu-btn').click();
   await admin.getByRole('menuitem', { name: 'Change password…' }).click();
@@ -219,6 +226,13 @@ test('users page, change my password, sessions that end', { timeout: 240_000 }, 
   await admin2.locator('#login-error', { hasText: 'invalid credentials' }).waitFor();
   await uiLogin(admin2, 'admin', 'admin-pass-2');
   await admin2.locator('#conn[data-state="live"]').waitFor();
+  // The other tab of the same browser took the new token over instead of signing out.
+  await sameBrowser.locator('#conn[data-state="live"]').waitFor();
+  assert.equal(await sameBrowser.locator('#login-view').isVisible(), false);
+  assert.equal(await sameBrowser.evaluate(() => localStorage.getItem('token')), newToken);
+  await sameBrowser.getByRole('button', { name: 'Refresh', exact: true }).first().click();
+  await sameBrowser.locator('#agent-list li[data-username="Butler"]').waitFor();
+  await sameBrowser.close();
   await admin.reload();
   await admin.locator('#users-view').waitFor({ state: 'visible' });
   await admin.locator('#conn[data-state="live"]').waitFor();
