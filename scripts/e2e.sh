@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The dashboard's end-to-end test in a real browser (tests/e2e/dashboard.test.mjs), on a fresh
+# The dashboard's end-to-end tests in a real browser (tests/e2e/*.test.mjs), on a fresh
 # machine: installs Debian's Chromium and Node.js if missing, the test's npm packages
 # (playwright-core, from the committed lock file), and the Python venv the test agent needs;
-# builds the server; runs the test. Exits non-zero on failure. The last line of output is
-# "N passed, N failed". Never downloads a browser of Playwright's own.
+# builds the server; runs the tests. Exits non-zero on failure. The last line of output is
+# "N passed, N failed" (over every test of every file). Never downloads a browser of Playwright's own.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -40,7 +40,8 @@ fi
 export ECHOCENTER_TEST_PYTHON="${ECHOCENTER_TEST_PYTHON:-$PWD/$venv/bin/python}"
 
 mkdir -p target/e2e
-node --test --test-reporter=tap tests/e2e/dashboard.test.mjs 2>&1 | tee target/e2e/output.tap
+# One file at a time: each starts its own server and browser, and the machine may be small.
+node --test --test-concurrency=1 --test-reporter=tap tests/e2e/dashboard.test.mjs tests/e2e/accounts.test.mjs 2>&1 | tee target/e2e/output.tap
 status=${PIPESTATUS[0]}
 
 passed=$(sed -n 's/^# pass \([0-9]*\)$/\1/p' target/e2e/output.tap | tail -1)
@@ -49,6 +50,6 @@ passed=${passed:-0}
 failed=${failed:-0}
 if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
 if [ "$passed" -eq 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
-[ "$status" -eq 0 ] && [ "$failed" -eq 0 ] && echo "screenshots: target/e2e/dashboard.png target/e2e/dashboard-mobile.png"
+[ "$status" -eq 0 ] && [ "$failed" -eq 0 ] && echo "screenshots: target/e2e/dashboard.png target/e2e/dashboard-mobile.png target/e2e/dashboard-users.png"
 echo "$passed passed, $failed failed"
 [ "$status" -eq 0 ] && [ "$failed" -eq 0 ]

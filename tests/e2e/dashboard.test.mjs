@@ -10,98 +10,11 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, execFile } from 'node:child_process';
 import { mkdtempSync, mkdirSync, rmSync, existsSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-
-const here = path.dirname(fileURLToPath(import.meta.url));
-const root = path.resolve(here, '..', '..');
-const BIN = path.resolve(root, process.env.ECHOCENTER_BIN || 'target/debug/echocenter');
-const PYTHON = process.env.ECHOCENTER_TEST_PYTHON || path.join(root, 'target/venv/bin/python');
-const AGENT = path.join(here, 'stream_agent.py');
-const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-const SHOTS = path.join(root, 'target', 'e2e');
-const WAIT = 20_000;
-
-/** Output of a child process, kept for the failure message. */
-function capture(child, name) {
-  const out = { text: '' };
-  const add = (chunk) => {
-    out.text += chunk.toString();
-    if (out.text.length > 200_000) out.text = out.text.slice(-100_000);
-  };
-  child.stdout?.on('data', add);
-  child.stderr?.on('data', add);
-  out.dump = () => `--- ${name} output ---\n${out.text}\n--- end ${name} ---`;
-  return out;
-}
-
-/** Starts the server; resolves once it prints `listening on ADDR`. */
-function startServer(addr, db) {
-  const child = spawn(BIN, ['--addr', addr, '--db', db], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, ECHOCENTER_LOG: 'info' },
-  });
-  const out = capture(child, 'echocenter');
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('server did not start\n' + out.dump())), WAIT);
-    let buf = '';
-    child.stdout.on('data', (chunk) => {
-      buf += chunk.toString();
-      const m = buf.match(/listening on (\S+)/);
-      if (m) { clearTimeout(timer); resolve({ child, out, addr: m[1] }); }
-    });
-    child.on('exit', (code) => { clearTimeout(timer); reject(new Error(`server exited with ${code}\n${out.dump()}`)); });
-  });
-}
-
-function stop(child) {
-  return new Promise((resolve) => {
-    if (!child || child.exitCode !== null || child.signalCode !== null) { resolve(); return; }
-    child.removeAllListeners('exit');
-    child.once('exit', () => resolve());
-    child.kill('SIGTERM');
-  });
-}
-
-function startAgent(base, token, name, extra = []) {
-  const where = base ? ['--url', base.replace(/^http/, 'ws'), '--token', token] : ['--connect', token];
-  const child = spawn(PYTHON, [AGENT, ...where, '--name', name, ...extra], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  return { child, out: capture(child, name) };
-}
-
-/** Runs a shell command line exactly as a user would paste it. */
-function sh(line) {
-  return new Promise((resolve, reject) => {
-    execFile('bash', ['-c', line], { timeout: WAIT }, (err, stdout, stderr) => {
-      if (err) reject(new Error(`${line}\n-> ${err.message}\n${stderr}`)); else resolve(stdout);
-    });
-  });
-}
-
-/** The rows of the log view, as the page shows them. */
-function visibleRows(page) {
-  return page.evaluate(() => [...document.querySelectorAll('#log .log-row')].filter((r) => !r.hidden).map((r) => ({
-    id: Number(r.dataset.logId), level: r.dataset.level, text: r.querySelector('.text').textContent,
-  })));
-}
-
-async function apiCall(base, method, p, body, jwt) {
-  const headers = {};
-  if (jwt) headers.Authorization = 'Bearer ' + jwt;
-  if (body !== undefined) headers['Content-Type'] = 'application/json';
-  const res = await fetch(base + p, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
-  const text = await res.text();
-  const data = text ? JSON.parse(text) : null;
-  if (!res.ok) throw new Error(`${method} ${p} -> ${res.status} ${text}`);
-  return data;
-}
-
+import { BIN, PYTHON, CHROMIUM, SHOTS, WAIT, startServer, stop, startAgent, sh, visibleRows, apiCall } from './harness.mjs';
 
 const UTC_TITLE = /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} UTC$/;
 const RELATIVE = /^(just now|\d+ min ago|\d+ h ago)$/;
@@ -266,7 +179,7 @@ test('dashboard: login, agents, live log, streamed chat, approvals, reload, reco
     await page.getByLabel('Message', { exact: true }).press('Enter');
     const queued = page.locator('#chat-log .msg[data-sender="me"][data-status="queued"]', { hasText: 'are you there?' });
     await queued.waitFor();
-    await queued.locator('.state', { hasText: 'queued' }).waitFor();
+    await queued.locator('.state', { hasText: 'queued, will be delivered when e2e-offline connects' }).waitFor();
     await page.locator('#chat-log .msg[data-sender="me"][data-status="queued"][data-msg-id]').waitFor(); // stored
 
     step('the agent connects with the connect line from the token card and gets the queued message');

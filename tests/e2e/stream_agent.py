@@ -9,6 +9,8 @@ tells agents to be written (websocket-client, one WebSocket, JSON frames).
   It also logs one SYSTEM_LOG per CHAT handled.
 - With --auth-request-to USER_ID (run it with the Butler's token) it also sends an
   AUTH_REQUEST to that human and logs the AUTH_RESPONSE it gets back as a SYSTEM_LOG.
+- With --silent it answers nothing: it counts the CHATs it receives and logs the count
+  every 100 (a receiver for store and forward's replay).
 - With --connect URL it connects to that exact URL: the connect line the dashboard's token
   card shows (ws://HOST/api/ws?token=...), so the test proves that line works as printed.
 
@@ -42,6 +44,8 @@ def main():
     ap.add_argument("--delay", type=float, default=0.4)
     ap.add_argument("--auth-request-to", type=int, default=0)
     ap.add_argument("--command", default="systemctl restart storage")
+    ap.add_argument("--silent", action="store_true",
+                    help="do not answer CHATs: count them and log the count every 100")
     args = ap.parse_args()
     if not args.connect and not (args.url and args.token):
         ap.error("give --connect, or --url and --token")
@@ -79,7 +83,12 @@ def main():
         except ValueError:
             continue
         kind = msg.get("type")
-        if kind == "CHAT" and msg.get("sender_id"):
+        if kind == "CHAT" and msg.get("sender_id") and args.silent:
+            handled += 1
+            if handled % 100 == 0:
+                send(ws, {"type": "SYSTEM_LOG", "payload": {"level": "INFO", "content": f"{args.name} received {handled} chats"}})
+                say(f"received {handled} chats")
+        elif kind == "CHAT" and msg.get("sender_id"):
             handled += 1
             text = msg.get("payload")
             if not isinstance(text, str):
