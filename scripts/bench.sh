@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Load benchmark (issue #5). Builds release, starts a server on a temporary database, drives it
-# with `echoload` (src/bin/echoload.rs) at the sizes below, and prints a markdown table with the
+# with `echoload` (src/bin/echoload/) at the sizes below, and prints a markdown table with the
 # targets next to the results. Everything runs on 127.0.0.1; everything it starts is stopped and
 # the temporary directory removed on exit. Takes about 3-4 minutes.
 #
