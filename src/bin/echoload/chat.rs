@@ -3,7 +3,7 @@
 //! at an offered rate (open loop) or with K requests in flight (closed loop). Round-trip
 //! latency, lost and duplicated replies and echoes, and whether a stream's order was kept.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -15,9 +15,9 @@ use tungstenite::protocol::Role;
 use tungstenite::WebSocket;
 
 use crate::clock::{now_us, sleep_until};
-use crate::measure::{count_into, latency, merge_counts, ms, round2, Observer};
+use crate::measure::{count_into, latency, merge_counts, ms, round2, Observer, ThreadBusy};
 use crate::options::{ChatArgs, Common};
-use crate::rest::{create_humans, login, register_agents};
+use crate::rest::{self, create_humans, login, register_agents};
 use crate::ws::{
     is_timeout, open_all_ok, send_json, shutdown_all, spawn_small, split, text_of, ws_config, Split,
 };
@@ -99,9 +99,16 @@ struct Slot {
     done: bool,
 }
 
-/// Everything one human connection received; a shared counter lets main see progress.
-struct HumanRx {
+/// Everything one sending connection (a human's, or the Butler's) received; a shared counter
+/// lets main see progress.
+struct SenderRx {
     me: i64,
+    /// The sender is a machine (the Butler): a stored frame comes back as an ACK naming its
+    /// `local_id`, not as an echo of the frame.
+    acked: bool,
+    /// This run's agents. Only their frames are answers: a machine's first connection is
+    /// replayed whatever was addressed to it before (an earlier run's answers, say).
+    peers: Arc<HashSet<i64>>,
     chunks: u32,
     slots: Vec<Slot>,
     /// Receive-time window (µs) in which latencies and completions are counted.
@@ -122,6 +129,8 @@ struct HumanRx {
     dup_ends: u64,
     unknown: u64,
     errors: BTreeMap<String, u64>,
+    /// The open loop's reader thread's CPU over its life, % of one core.
+    busy_pct: Option<f64>,
     /// Requests that are complete: echoed, and answered (stream: ended).
     done: Arc<AtomicU64>,
 }
@@ -129,10 +138,19 @@ struct HumanRx {
 /// Past this sequence number a frame is counted as unknown instead of growing the table.
 const MAX_SEQ: usize = 50_000_000;
 
-impl HumanRx {
-    fn new(me: i64, chunks: usize, window: (u64, u64), done: Arc<AtomicU64>) -> HumanRx {
-        HumanRx {
+impl SenderRx {
+    fn new(
+        me: i64,
+        acked: bool,
+        peers: Arc<HashSet<i64>>,
+        chunks: usize,
+        window: (u64, u64),
+        done: Arc<AtomicU64>,
+    ) -> SenderRx {
+        SenderRx {
             me,
+            acked,
+            peers,
             chunks: chunks as u32,
             slots: Vec::new(),
             window,
@@ -152,6 +170,7 @@ impl HumanRx {
             dup_ends: 0,
             unknown: 0,
             errors: BTreeMap::new(),
+            busy_pct: None,
             done,
         }
     }
@@ -166,6 +185,17 @@ impl HumanRx {
             self.slots.resize(len, Slot::default());
         }
         Some(&mut self.slots[k])
+    }
+
+    /// True when `v` comes from one of this run's agents; anything else is counted as unknown.
+    fn is_peer_frame(&mut self, v: &Value) -> bool {
+        let ok = v["sender_id"]
+            .as_i64()
+            .is_some_and(|id| self.peers.contains(&id));
+        if !ok {
+            self.unknown += 1;
+        }
+        ok
     }
 
     /// Marks request `k` complete the first time it is both echoed and answered; returns
@@ -224,6 +254,9 @@ impl HumanRx {
                     }
                 } else {
                     // The agent's answer (stream: the final CHAT, after every chunk).
+                    if !self.is_peer_frame(&v) {
+                        return false;
+                    }
                     self.replies_received += 1;
                     let Some(s) = self.slot(k) else { return false };
                     s.replies += 1;
@@ -244,6 +277,9 @@ impl HumanRx {
                 self.complete(k, win)
             }
             Some("CHAT_STREAM") => {
+                if !self.is_peer_frame(&v) {
+                    return false;
+                }
                 self.chunks_received += 1;
                 let chunk = v["payload"].as_str().and_then(|p| {
                     let mut it = p.split(' ');
@@ -269,6 +305,9 @@ impl HumanRx {
                 false
             }
             Some("CHAT_STREAM_END") => {
+                if !self.is_peer_frame(&v) {
+                    return false;
+                }
                 self.ends_received += 1;
                 let Some(k) = stream_seq(&v) else {
                     self.unknown += 1;
@@ -287,6 +326,28 @@ impl HumanRx {
                 }
                 if win && sent > 0 {
                     self.stream_lat.push(now.saturating_sub(sent) as u32);
+                }
+                self.complete(k, win)
+            }
+            Some("ACK") if self.acked => {
+                // The Butler's acknowledgement of a stored request: the local_id carries the
+                // sequence number and send time (an ACK has no payload), plus the stored id.
+                let Some((k, t)) = v["local_id"].as_str().and_then(parse_timed_local_id) else {
+                    self.unknown += 1;
+                    return false;
+                };
+                self.echoes_received += 1;
+                if v["id"].as_i64().is_none() {
+                    self.bad_echo += 1;
+                }
+                let Some(s) = self.slot(k) else { return false };
+                s.echoes += 1;
+                if s.echoes > 1 {
+                    self.dup_echoes += 1;
+                    return false;
+                }
+                if win {
+                    self.echo_lat.push(now.saturating_sub(t) as u32);
                 }
                 self.complete(k, win)
             }
@@ -317,16 +378,41 @@ fn stream_seq(v: &Value) -> Option<usize> {
     v["stream_id"].as_str()?.strip_prefix('s')?.parse().ok()
 }
 
-fn request(k: u64, target: i64, pad: &str) -> Value {
-    json!({"type": "CHAT", "target_id": target, "local_id": format!("l{k}"),
-           "payload": format!("rt {k} {} {pad}", now_us())})
+/// "lK.T" → (K, T): a machine sender's local_id.
+fn parse_timed_local_id(l: &str) -> Option<(usize, u64)> {
+    let (k, t) = l.strip_prefix('l')?.split_once('.')?;
+    Some((k.parse().ok()?, t.parse().ok()?))
 }
 
-/// What one human's sender did.
+/// How a sender words request `k`: the payload carries `k` and the send time (µs). A machine
+/// sender's `local_id` carries them as well, for its ACK, which has no payload to read.
+#[derive(Clone)]
+struct Requests {
+    pad: String,
+    timed_local_id: bool,
+}
+
+impl Requests {
+    fn make(&self, k: u64, target: i64) -> Value {
+        let now = now_us();
+        let local_id = if self.timed_local_id {
+            format!("l{k}.{now}")
+        } else {
+            format!("l{k}")
+        };
+        json!({"type": "CHAT", "target_id": target, "local_id": local_id,
+               "payload": format!("rt {k} {now} {}", self.pad)})
+    }
+}
+
+/// What one sender (a human's, or the Butler's) did.
 struct SendReport {
     sent: u64,
     max_lag: Duration,
     send_failures: u64,
+    /// The sending thread's CPU over its life, % of one core: near 100 for a closed loop's
+    /// thread means this client, not the server, set the pace.
+    busy_pct: Option<f64>,
 }
 
 /// Open loop: sends request k at start + offset + k·interval, to agents round-robin.
@@ -339,13 +425,15 @@ fn paced_sender(
     interval: Duration,
     start: Instant,
     end: Instant,
-    pad: String,
+    req: Requests,
 ) -> SendReport {
     let offset = interval.mul_f64(idx as f64 / humans as f64);
+    let busy = ThreadBusy::start();
     let mut r = SendReport {
         sent: 0,
         max_lag: Duration::ZERO,
         send_failures: 0,
+        busy_pct: None,
     };
     for k in 0u64.. {
         let due = start + offset + interval.mul_f64(k as f64);
@@ -354,12 +442,13 @@ fn paced_sender(
         }
         r.max_lag = r.max_lag.max(sleep_until(due));
         let target = agents[(k as usize * humans + idx) % agents.len()];
-        if send_json(&mut w, &request(k, target, &pad)).is_err() {
+        if send_json(&mut w, &req.make(k, target)).is_err() {
             r.send_failures += 1;
             break;
         }
         r.sent = k + 1;
     }
+    r.busy_pct = busy.pct();
     r
 }
 
@@ -367,25 +456,27 @@ fn paced_sender(
 #[allow(clippy::too_many_arguments)]
 fn closed_loop_human(
     mut sp: Split,
-    rx: &mut HumanRx,
+    rx: &mut SenderRx,
     idx: usize,
     humans: usize,
     agents: &[i64],
     inflight: usize,
     end: Instant,
     drain_until: Instant,
-    pad: &str,
+    req: &Requests,
 ) -> SendReport {
+    let busy = ThreadBusy::start();
     let mut r = SendReport {
         sent: 0,
         max_lag: Duration::ZERO,
         send_failures: 0,
+        busy_pct: None,
     };
     let _ = sp.ctl.set_read_timeout(Some(Duration::from_millis(100)));
     let mut next_k = 0u64;
     let mut send_next = |w: &mut WebSocket<TcpStream>, r: &mut SendReport| {
         let target = agents[(next_k as usize * humans + idx) % agents.len()];
-        if send_json(w, &request(next_k, target, pad)).is_err() {
+        if send_json(w, &req.make(next_k, target)).is_err() {
             r.send_failures += 1;
             return false;
         }
@@ -423,13 +514,23 @@ fn closed_loop_human(
     }
     // The socket stays open (main holds a clone) until the server's CPU has been sampled:
     // closing it here would end the server's threads for it and lose their CPU time.
+    r.busy_pct = busy.pct();
     r
 }
 
 pub fn run(c: &Common, a: &ChatArgs) -> Res<Value> {
-    let scenario = if a.stream { "stream" } else { "chat" };
+    let butler = a.butler_interval.is_some();
+    let (scenario, role) = if a.stream {
+        ("stream", "human")
+    } else if butler {
+        ("butler", "butler")
+    } else {
+        ("chat", "human")
+    };
     let tag = if a.stream {
         "s"
+    } else if butler {
+        "b"
     } else if a.closed_loop > 0 {
         "k"
     } else {
@@ -443,8 +544,21 @@ pub fn run(c: &Common, a: &ChatArgs) -> Res<Value> {
         .map(|i| format!("{}-{tag}h{i}", c.prefix))
         .collect();
     let agents = register_agents(c.addr, &jwt, &agent_names)?;
-    let humans = create_humans(c.addr, &jwt, &human_names, "MEMBER")?;
-    note!("{} humans, {} agents ready", humans.len(), agents.len());
+    // The senders: humans made for the run, or the Butler that every server has.
+    let humans = if butler {
+        vec![rest::butler(c.addr, &jwt)?]
+    } else {
+        create_humans(c.addr, &jwt, &human_names, "MEMBER")?
+    };
+    if butler {
+        note!(
+            "the Butler (id {}), {} agents ready",
+            humans[0].id,
+            agents.len()
+        );
+    } else {
+        note!("{} humans, {} agents ready", humans.len(), agents.len());
+    }
 
     let agent_tokens: Vec<&str> = agents.iter().map(|x| x.token.as_str()).collect();
     let human_tokens: Vec<&str> = humans.iter().map(|x| x.token.as_str()).collect();
@@ -459,12 +573,16 @@ pub fn run(c: &Common, a: &ChatArgs) -> Res<Value> {
             agent_loop(ws, chunks, gap)
         })?);
     }
-    let human_socks = open_all_ok(c.addr, &human_tokens, "human")?;
+    let human_socks = open_all_ok(c.addr, &human_tokens, role)?;
     // Let the PRESENCE frames of the agents' connects pass before measuring.
     std::thread::sleep(Duration::from_millis(500));
 
     let agent_ids = Arc::new(agents.iter().map(|x| x.id).collect::<Vec<_>>());
-    let pad: String = "x".repeat(a.payload_bytes);
+    let peers: Arc<HashSet<i64>> = Arc::new(agent_ids.iter().copied().collect());
+    let req = Requests {
+        pad: "x".repeat(a.payload_bytes),
+        timed_local_id: butler,
+    };
     let done: Vec<Arc<AtomicU64>> = (0..a.humans).map(|_| Arc::new(AtomicU64::new(0))).collect();
     let observer = Observer::start(c, true);
     let start = Instant::now();
@@ -480,7 +598,7 @@ pub fn run(c: &Common, a: &ChatArgs) -> Res<Value> {
         (0, u64::MAX)
     };
 
-    let mut rxs: Vec<HumanRx> = Vec::new();
+    let mut rxs: Vec<SenderRx> = Vec::new();
     let mut sends: Vec<SendReport> = Vec::new();
     if a.closed_loop > 0 {
         let mut threads = Vec::new();
@@ -488,18 +606,19 @@ pub fn run(c: &Common, a: &ChatArgs) -> Res<Value> {
             let sp = split(s)?;
             ctls.push(sp.ctl.try_clone().map_err(|e| e.to_string())?);
             let inflight = a.closed_loop / a.humans + usize::from(i < a.closed_loop % a.humans);
-            let (ids, pad, me, chunks, d) = (
+            let (ids, peers, req, me, chunks, d) = (
                 agent_ids.clone(),
-                pad.clone(),
+                peers.clone(),
+                req.clone(),
                 humans[i].id,
                 a.chunks,
                 done[i].clone(),
             );
             let nh = a.humans;
-            threads.push(spawn_small(format!("human-{i}"), move || {
-                let mut rx = HumanRx::new(me, chunks, window, d);
+            threads.push(spawn_small(format!("{role}-{i}"), move || {
+                let mut rx = SenderRx::new(me, butler, peers, chunks, window, d);
                 let r =
-                    closed_loop_human(sp, &mut rx, i, nh, &ids, inflight, end, drain_until, &pad);
+                    closed_loop_human(sp, &mut rx, i, nh, &ids, inflight, end, drain_until, &req);
                 (rx, r)
             })?);
         }
@@ -519,9 +638,10 @@ pub fn run(c: &Common, a: &ChatArgs) -> Res<Value> {
                 ctl,
             } = split(s)?;
             ctls.push(ctl);
-            let (me, chunks, d) = (humans[i].id, a.chunks, done[i].clone());
-            readers.push(spawn_small(format!("human-rx-{i}"), move || {
-                let mut rx = HumanRx::new(me, chunks, window, d);
+            let (me, peers, chunks, d) = (humans[i].id, peers.clone(), a.chunks, done[i].clone());
+            readers.push(spawn_small(format!("{role}-rx-{i}"), move || {
+                let busy = ThreadBusy::start();
+                let mut rx = SenderRx::new(me, butler, peers, chunks, window, d);
                 loop {
                     match reader.read() {
                         Ok(m) => {
@@ -533,11 +653,12 @@ pub fn run(c: &Common, a: &ChatArgs) -> Res<Value> {
                         Err(_) => break,
                     }
                 }
+                rx.busy_pct = busy.pct();
                 rx
             })?);
-            let (ids, pad, nh) = (agent_ids.clone(), pad.clone(), a.humans);
-            senders.push(spawn_small(format!("human-tx-{i}"), move || {
-                paced_sender(writer, i, nh, ids, interval, start, end, pad)
+            let (ids, req, nh) = (agent_ids.clone(), req.clone(), a.humans);
+            senders.push(spawn_small(format!("{role}-tx-{i}"), move || {
+                paced_sender(writer, i, nh, ids, interval, start, end, req)
             })?);
         }
         for t in senders {
@@ -593,7 +714,7 @@ fn finish_agents(threads: Vec<JoinHandle<AgentReport>>) -> Res<AgentReport> {
 fn chat_report(
     scenario: &str,
     a: &ChatArgs,
-    rxs: Vec<HumanRx>,
+    rxs: Vec<SenderRx>,
     sends: Vec<SendReport>,
     agents: AgentReport,
     measured: Value,
@@ -601,6 +722,11 @@ fn chat_report(
     let sent: u64 = sends.iter().map(|s| s.sent).sum();
     let send_failures: u64 = sends.iter().map(|s| s.send_failures).sum();
     let max_lag = sends.iter().map(|s| s.max_lag).max().unwrap_or_default();
+    let busiest = sends
+        .iter()
+        .filter_map(|s| s.busy_pct)
+        .chain(rxs.iter().filter_map(|r| r.busy_pct))
+        .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
     let (mut rtt, mut echo, mut chunk, mut stream) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut errors = BTreeMap::new();
@@ -669,6 +795,18 @@ fn chat_report(
     } else {
         out["rate_offered"] = json!(a.rate);
         out["rt_per_s"] = json!(round2(answered as f64 / a.duration.as_secs_f64()));
+    }
+    if let Some(pct) = busiest {
+        out["busiest_sender_thread_cpu_pct"] = json!(pct);
+    }
+    if let Some(interval) = a.butler_interval {
+        // One sender, the Butler: its stored frames come back as ACKs, not echoes.
+        let map = out.as_object_mut().expect("built as an object above");
+        map.remove("humans");
+        if let Some(acks) = map.remove("echo") {
+            map.insert("ack".into(), acks);
+        }
+        out["interval_ms"] = json!(round2(interval.as_secs_f64() * 1000.0));
     }
     if a.stream {
         out["chunks_per_stream"] = json!(a.chunks);

@@ -12,6 +12,9 @@
 //!   delivered/sent per dashboard and end-to-end latency.
 //! - `stream`: like `chat`, but agents answer with CHAT_STREAM chunks, a final CHAT and
 //!   CHAT_STREAM_END; chunk latency and whether the order was kept.
+//! - `butler`: the Butler (its raw token from the development endpoint) sends one CHAT to
+//!   each of A agents every I ms and the agents answer it: the fan-out of one machine
+//!   connection. Round-trip latency, lost and duplicated, as `chat` (with ACKs for echoes).
 //!
 //! Threads, not async: one blocking reader thread per connection that has something to read
 //! (small stacks), sender threads that pace requests. A connection read and written by two
@@ -19,12 +22,11 @@
 //! (pongs, close replies) are discarded, so only the sender ever writes to the socket.
 //! Latency is measured on one clock: the sender writes `now` (µs since start) into the
 //! payload, and the receiver in the same process subtracts it.
-
 //!
 //! Code map: `options` (the command line), `rest` (login, registering the users a run needs),
 //! `ws` (opening and splitting WebSocket connections), `measure` (latency percentiles, /proc
 //! and /metrics readings), `clock` (the one clock), and one module per scenario: `connect`,
-//! `chat` (chat and stream), `logs`.
+//! `chat` (chat, stream and the Butler fan-out), `logs`.
 
 use serde_json::{json, Value};
 
@@ -58,6 +60,9 @@ scenarios:
             --duration S (10) --drain S (5)
   stream    --humans H (8) --agents A (20) --rate REQ/S (200) --chunks C (10)
             --chunk-gap-us U (0) --duration S (10) --drain S (5)
+  butler    --agents A (200) --interval-ms I (100) --duration S (10) --drain S (5)
+            --payload-bytes B (64): the Butler sends one CHAT to each agent every I ms
+            (spread evenly: A*1000/I per second), the agents answer it
 
 common:
   --addr 127.0.0.1:18100   loopback only
@@ -101,6 +106,11 @@ fn run(scenario: &str, mut args: pico_args::Arguments) -> Res<Value> {
         }
         "chat" | "stream" => {
             let a = ChatArgs::parse(&mut args, scenario == "stream")?;
+            finish_args(args)?;
+            chat::run(&common, &a)
+        }
+        "butler" => {
+            let a = ChatArgs::parse_butler(&mut args)?;
             finish_args(args)?;
             chat::run(&common, &a)
         }

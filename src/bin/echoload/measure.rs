@@ -125,6 +125,38 @@ pub fn server_rss(pid: Option<u32>) -> Option<(u64, u64)> {
     Some((s.rss_kib, s.threads))
 }
 
+/// A thread's own CPU time since `start`, as % of one core over the same wall time: for the
+/// threads that end before the Observer's last sample (their time leaves /proc with them).
+pub struct ThreadBusy {
+    wall: Instant,
+    cpu_ns: Option<u64>,
+}
+
+impl ThreadBusy {
+    pub fn start() -> ThreadBusy {
+        ThreadBusy {
+            wall: Instant::now(),
+            cpu_ns: thread_cpu_ns(),
+        }
+    }
+
+    pub fn pct(&self) -> Option<f64> {
+        let used = thread_cpu_ns()?.saturating_sub(self.cpu_ns?);
+        let wall = self.wall.elapsed().as_secs_f64().max(1e-3);
+        Some(round2(used as f64 / 1e7 / wall))
+    }
+}
+
+/// The calling thread's run time in ns (schedstat: the scheduler's own clock).
+fn thread_cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 fn fetch_metrics(addr: SocketAddr, token: &str) -> Option<BTreeMap<String, f64>> {
     let (status, body) = http(addr, "GET", "/metrics", Some(token), None).ok()?;
     if status != 200 {

@@ -113,6 +113,9 @@ impl ConnectArgs {
 
 pub struct ChatArgs {
     pub stream: bool,
+    /// `butler`: the Butler's one connection is the only sender, sending one CHAT to each
+    /// agent per this interval (an open loop at agents / interval, spread evenly).
+    pub butler_interval: Option<Duration>,
     pub humans: usize,
     pub agents: usize,
     pub rate: f64,
@@ -134,6 +137,7 @@ impl ChatArgs {
         };
         let a = ChatArgs {
             stream,
+            butler_interval: None,
             humans: bounded("--humans", opt(args, "--humans", humans)?, 1, 2000)?,
             agents: bounded(
                 "--agents",
@@ -179,6 +183,39 @@ impl ChatArgs {
             );
         }
         Ok(a)
+    }
+
+    /// `butler`: `--agents` (200), `--interval-ms` (100), `--duration`, `--drain`,
+    /// `--payload-bytes`; the rest of a chat run is fixed (one sender, open loop, no stream).
+    pub fn parse_butler(args: &mut pico_args::Arguments) -> Res<ChatArgs> {
+        let agents = bounded("--agents", opt(args, "--agents", 200)?, 1, MAX_CONNECTIONS)?;
+        let interval_ms: f64 = opt(args, "--interval-ms", 100.0)?;
+        if !(interval_ms.is_finite() && (1.0..=60_000.0).contains(&interval_ms)) {
+            return Err("--interval-ms must be between 1 and 60000".into());
+        }
+        let rate = agents as f64 * 1000.0 / interval_ms;
+        if rate > 1_000_000.0 {
+            return Err("--agents / --interval-ms: over 1,000,000 CHATs/s".into());
+        }
+        Ok(ChatArgs {
+            stream: false,
+            butler_interval: Some(Duration::from_secs_f64(interval_ms / 1000.0)),
+            humans: 1,
+            agents,
+            rate,
+            closed_loop: 0,
+            warmup: Duration::ZERO,
+            duration: secs("--duration", opt(args, "--duration", 10.0)?)?,
+            drain: secs("--drain", opt(args, "--drain", 5.0)?)?,
+            payload_bytes: bounded(
+                "--payload-bytes",
+                opt(args, "--payload-bytes", 64)?,
+                0,
+                32 * 1024,
+            )?,
+            chunks: 0,
+            chunk_gap: Duration::ZERO,
+        })
     }
 }
 

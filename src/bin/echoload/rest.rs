@@ -208,3 +208,27 @@ pub fn create_humans(
     });
     results.into_iter().collect()
 }
+
+/// The Butler as an account: its id, and its raw token from the development endpoint (admin
+/// JWT; a production server answers 404, and keeps no raw token to hand out anyway).
+pub fn butler(addr: SocketAddr, jwt: &str) -> Res<Account> {
+    let who = expect_json(
+        http(addr, "GET", "/api/users/butler", Some(jwt), None)?,
+        200,
+        "GET /api/users/butler",
+    )?;
+    let (Some(id), Some(name)) = (who["id"].as_i64(), who["username"].as_str()) else {
+        return Err(format!("GET /api/users/butler: no id/username in {who}"));
+    };
+    let path = format!("/api/dev/mock/agent-token/{name}");
+    let v = expect_json(http(addr, "GET", &path, Some(jwt), None)?, 200, &path)?;
+    match v["api_token"].as_str() {
+        Some(token) if !token.is_empty() => Ok(Account {
+            id,
+            token: token.to_string(),
+        }),
+        _ => Err(format!(
+            "{path}: no raw token for the Butler (rotated with a token of your own?)"
+        )),
+    }
+}
