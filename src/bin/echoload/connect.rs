@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::measure::{count_into, round2, server_rss, Observer};
+use crate::measure::{count_into, round2, server_rss, smaps, Observer, Smaps};
 use crate::options::{Common, ConnectArgs};
 use crate::rest::{login, register_agents};
 use crate::ws::{open_all, shutdown_all};
@@ -23,6 +23,7 @@ pub fn run(c: &Common, a: &ConnectArgs) -> Res<Value> {
     let register_s = reg_started.elapsed().as_secs_f64();
     std::thread::sleep(a.settle);
     let before = server_rss(c.server_pid);
+    let maps_before = smaps(c.server_pid, a.server_stack_kib);
     let observer = Observer::start(c, false);
 
     let tokens: Vec<&str> = agents.iter().map(|x| x.token.as_str()).collect();
@@ -57,6 +58,7 @@ pub fn run(c: &Common, a: &ConnectArgs) -> Res<Value> {
         }
     }
     let held = server_rss(c.server_pid);
+    let maps_held = smaps(c.server_pid, a.server_stack_kib);
     // Which connections survived the hold? An idle agent should get nothing at all.
     let (mut alive, mut dropped, mut with_data) = (0u64, 0u64, 0u64);
     for s in &conns {
@@ -106,6 +108,39 @@ pub fn run(c: &Common, a: &ConnectArgs) -> Res<Value> {
         } else {
             0.0
         });
+        if let (Some(mb), Some(mh), true) = (maps_before, maps_held, n_ok > 0) {
+            out["memory_per_conn"] = memory_per_conn(&mb, &mh, (b.1, h.1), n_ok, a);
+        }
     }
     Ok(out)
+}
+
+/// What one idle connection costs the server, from its mappings before the connections were
+/// opened and at the end of the hold: the differences divided by the connections held. The
+/// three `_kib` parts add up to `rss_kib` (smaps' own sum, close to VmRSS's `kib_per_conn`).
+fn memory_per_conn(
+    before: &Smaps,
+    held: &Smaps,
+    threads: (u64, u64),
+    n: usize,
+    a: &ConnectArgs,
+) -> Value {
+    let per = |b: u64, h: u64| round2((h as f64 - b as f64) / n as f64);
+    let heap_other = |m: &Smaps| m.anon_kib.saturating_sub(m.stack_rss_kib);
+    let not_anon = |m: &Smaps| m.rss_kib.saturating_sub(m.anon_kib);
+    json!({
+        // Resident pages of the per-connection thread stacks (mappings of --server-stack-kib).
+        "stack_kib": per(before.stack_rss_kib, held.stack_rss_kib),
+        // Every other anonymous resident page: the malloc heap and arenas (buffers, queues,
+        // the registry's entries), and anything else private.
+        "heap_other_anon_kib": per(heap_other(before), heap_other(held)),
+        // File-backed and shared resident pages (the binary, libraries): ~0 per connection.
+        "file_shared_kib": per(not_anon(before), not_anon(held)),
+        "rss_kib": per(before.rss_kib, held.rss_kib),
+        // New stack mappings: below the thread count when glibc reused cached stacks.
+        "stack_mappings": per(before.stacks, held.stacks),
+        "threads": per(threads.0, threads.1),
+        "maps": per(before.maps, held.maps),
+        "stack_size_kib": a.server_stack_kib,
+    })
 }

@@ -4,7 +4,8 @@
 //! Scenarios (each bounded in time and count; each ends by printing exactly one JSON line of
 //! results on stdout, progress goes to stderr):
 //! - `connect`: N idle agent connections held for a while; connect rate, failures, and the
-//!   server's RSS before/after (`--server-pid`) → KiB per idle connection.
+//!   server's RSS before/after (`--server-pid`) → KiB per idle connection, and what it is
+//!   made of (thread stacks, heap and other anonymous memory, threads and mappings).
 //! - `chat`: H humans send CHAT to A agents round-robin at an offered rate; the agents answer
 //!   each request with its payload; round-trip latency, lost and duplicated replies.
 //!   `--closed-loop K` keeps K requests in flight instead, as fast as the server allows.
@@ -54,6 +55,7 @@ echoload SCENARIO [options]   (one JSON line of results on stdout)
 
 scenarios:
   connect   --agents N (5000) --duration S hold time (10) --settle S (2) --max-connect-secs (120)
+            --server-stack-kib K (256; the server's per-connection thread stack)
   chat      --humans H (16) --agents A (50) --rate RT/S (5000) --duration S (10)
             [--closed-loop K --warmup S (1)] --payload-bytes B (64) --drain S (5)
   logs      --agents N (200) --rate R/S per agent (10) --dashboards D (3) --senders W (4)

@@ -125,6 +125,66 @@ pub fn server_rss(pid: Option<u32>) -> Option<(u64, u64)> {
     Some((s.rss_kib, s.threads))
 }
 
+/// What a process's memory mappings hold, summed from /proc/PID/smaps (KiB, as the kernel
+/// counts them). Read twice around an event, the difference says what the event cost.
+pub struct Smaps {
+    /// Mappings (VMAs). A server thread has four (as seen on Linux/glibc): its stack and the
+    /// guard page below it, and the signal stack and guard page Rust's runtime gives every
+    /// thread. `vm.max_map_count` caps the total.
+    pub maps: u64,
+    /// Private anonymous rw mappings exactly one per-connection stack in size (the guard
+    /// page is a separate mapping), and their resident KiB: the pages those threads touched.
+    /// glibc keeps the stacks of ended threads (up to 40 MiB) for reuse, so on a server that
+    /// already held connections some of these were there, and resident, before.
+    pub stacks: u64,
+    pub stack_rss_kib: u64,
+    /// Resident KiB of every mapping, and of its anonymous pages (stacks included; the rest
+    /// is the malloc heap and arenas, and other private memory).
+    pub rss_kib: u64,
+    pub anon_kib: u64,
+}
+
+pub fn smaps(pid: Option<u32>, stack_kib: u64) -> Option<Smaps> {
+    let text = std::fs::read_to_string(format!("/proc/{}/smaps", pid?)).ok()?;
+    let mut m = Smaps {
+        maps: 0,
+        stacks: 0,
+        stack_rss_kib: 0,
+        rss_kib: 0,
+        anon_kib: 0,
+    };
+    let mut in_stack = false;
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        let Some(first) = it.next() else { continue };
+        if let Some((lo, hi)) = first.split_once('-') {
+            // A mapping's header: "lo-hi perms offset dev inode [path]".
+            let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16))
+            else {
+                continue;
+            };
+            let perms = it.next().unwrap_or("");
+            let path = it.nth(3);
+            m.maps += 1;
+            in_stack = path.is_none() && perms == "rw-p" && (hi - lo) / 1024 == stack_kib;
+            m.stacks += u64::from(in_stack);
+            continue;
+        }
+        let kib = it.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        match first {
+            "Rss:" => {
+                m.rss_kib += kib;
+                if in_stack {
+                    m.stack_rss_kib += kib;
+                }
+            }
+            "Anonymous:" => m.anon_kib += kib,
+            _ => {}
+        }
+    }
+    Some(m)
+}
+
 /// A thread's own CPU time since `start`, as % of one core over the same wall time: for the
 /// threads that end before the Observer's last sample (their time leaves /proc with them).
 pub struct ThreadBusy {

@@ -95,6 +95,9 @@ pub struct ConnectArgs {
     pub hold: Duration,
     pub settle: Duration,
     pub max_connect: Duration,
+    /// The server's per-connection thread stack size (`THREAD_STACK` in src/app.rs): how the
+    /// memory breakdown recognizes those stacks among the server's mappings.
+    pub server_stack_kib: u64,
 }
 
 impl ConnectArgs {
@@ -107,6 +110,12 @@ impl ConnectArgs {
                 "--max-connect-secs",
                 opt(args, "--max-connect-secs", 120.0)?,
             )?,
+            server_stack_kib: bounded(
+                "--server-stack-kib",
+                opt(args, "--server-stack-kib", 256)?,
+                4,
+                64 * 1024,
+            )? as u64,
         })
     }
 }
