@@ -2,7 +2,6 @@
 //! reconnects with backoff when the server restarts.
 
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -274,50 +273,6 @@ fn mock_agent_exits_on_sigint_and_rejects_a_bad_token() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
 
-/// Starts the binary on a fixed address and database (the harness always picks a new port).
-fn start_server_at(addr: &str, db: &Path, stderr_to: &Path) -> Guard {
-    let err = std::fs::File::create(stderr_to).unwrap();
-    let mut cmd = Command::new(BIN);
-    cmd.arg("serve")
-        .arg("--addr")
-        .arg(addr)
-        .arg("--db")
-        .arg(db)
-        // Its private socket directory goes next to the database (removed with the test's
-        // directory even after the SIGKILL below).
-        .env("TMPDIR", db.parent().unwrap())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(err);
-    for var in [
-        "ECHOCENTER_ENV",
-        "APP_ENV",
-        "ECHOCENTER_ADMIN_PASSWORD",
-        "ECHOCENTER_ADMIN_USER",
-    ] {
-        cmd.env_remove(var);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let guard = Guard(Some(child));
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .unwrap_or_else(|_| {
-            panic!(
-                "server on {addr} did not start: {}",
-                std::fs::read_to_string(stderr_to).unwrap_or_default()
-            )
-        });
-    assert_eq!(line, format!("listening on {addr}"));
-    guard
-}
-
 fn wait_for_log(log: &Path, needle: &str, after: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -386,7 +341,7 @@ fn mock_agent_reconnects_with_backoff_when_the_server_restarts() {
         agent.running(),
         "the agent must not give up while the server is down"
     );
-    let second = start_server_at(&s.addr, &s.db, &s.dir.path().join("second.log"));
+    s.restart_on_same_address(&[], &[]);
     wait_online(&s, &admin, "Phoenix", true, &log);
     let mut human = s.ws(&admin);
     let frames = ask(&mut human, agent_id, "still there?");
@@ -397,12 +352,10 @@ fn mock_agent_reconnects_with_backoff_when_the_server_restarts() {
     wait_rows(&s, &admin, "&agent_id=Phoenix&level=SUCCESS", 2, &log);
 
     // 2. A crash (SIGKILL: no close frame), then the server comes back.
-    let mut second = second;
     let seen = std::fs::read_to_string(&log).unwrap().len();
-    second.0.as_mut().unwrap().kill().unwrap();
-    second.wait_exit(Duration::from_secs(10));
+    s.kill9();
     wait_for_log(&log, "disconnected", seen);
-    let _third = start_server_at(&s.addr, &s.db, &s.dir.path().join("third.log"));
+    s.restart_on_same_address(&[], &[]);
     wait_online(&s, &admin, "Phoenix", true, &log);
     let mut human = s.ws(&admin);
     let frames = ask(&mut human, agent_id, "and now?");
