@@ -27,7 +27,7 @@
 //! Code map: `options` (the command line), `rest` (login, registering the users a run needs),
 //! `ws` (opening and splitting WebSocket connections), `measure` (latency percentiles, /proc
 //! and /metrics readings), `clock` (the one clock), and one module per scenario: `connect`,
-//! `chat` (chat, stream and the Butler fan-out), `logs`.
+//! `chat/` (chat, stream and the Butler fan-out), `logs`.
 
 use serde_json::{json, Value};
 
