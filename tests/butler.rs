@@ -830,48 +830,6 @@ fn risky_words_are_configurable() {
 // Connection life
 // -------------------------------------------------------------------------------------------
 
-/// Starts the binary on a fixed address and database (the harness always picks a new port).
-fn start_server_at(addr: &str, db: &Path, stderr_to: &Path) -> Guard {
-    let mut cmd = Command::new(server_bin());
-    cmd.arg("serve")
-        .arg("--addr")
-        .arg(addr)
-        .arg("--db")
-        .arg(db)
-        // Its private socket directory goes next to the database.
-        .env("TMPDIR", db.parent().unwrap())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(stderr_to).unwrap());
-    for var in [
-        "ECHOCENTER_ENV",
-        "APP_ENV",
-        "ECHOCENTER_ADMIN_PASSWORD",
-        "ECHOCENTER_ADMIN_USER",
-    ] {
-        cmd.env_remove(var);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let guard = Guard(Some(child));
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .unwrap_or_else(|_| {
-            panic!(
-                "server on {addr} did not start: {}",
-                std::fs::read_to_string(stderr_to).unwrap_or_default()
-            )
-        });
-    assert_eq!(line, format!("listening on {addr}"));
-    guard
-}
-
 /// A full round trip through the Butler with a fresh test agent connection.
 fn round_trip(w: &World, agent_token: &str, question: &str) {
     let mut agent = w.s.ws(agent_token);
@@ -892,7 +850,7 @@ fn the_butler_reconnects_after_the_server_restarts() {
     // 1. A graceful restart (close 1001) on the same address and database.
     assert!(w.s.terminate().success());
     let seen = read(&w.log).len();
-    let mut second = start_server_at(&w.s.addr, &w.s.db, &w.s.dir.path().join("second.log"));
+    w.s.restart_on_same_address(&[], &[]);
     w.wait_butler_online(true);
     assert!(
         read(&w.log)[seen..].contains("connected to"),
@@ -902,9 +860,8 @@ fn the_butler_reconnects_after_the_server_restarts() {
     round_trip(&w, &token, "second");
 
     // 2. A crash (no close frame), then the server comes back.
-    second.0.as_mut().unwrap().kill().unwrap();
-    second.wait_exit(Duration::from_secs(10));
-    let _third = start_server_at(&w.s.addr, &w.s.db, &w.s.dir.path().join("third.log"));
+    w.s.kill9();
+    w.s.restart_on_same_address(&[], &[]);
     w.wait_butler_online(true);
     round_trip(&w, &token, "third");
     assert!(

@@ -50,6 +50,8 @@ fn command(args: &[&str], envs: &[(&str, &str)]) -> Command {
 
 /// Runs the binary to completion (within 30 s), feeding `stdin`. A `serve` that starts
 /// listening is killed at once, so a configuration error that is not caught fails fast.
+/// (`serve` goes through here, not `Server::start*`, only where the start must fail or only
+/// `--help` is read: the harness fails without "listening on".)
 fn run(args: &[&str], envs: &[(&str, &str)], stdin: &str) -> Output {
     use std::io::Read;
     use std::sync::{Arc, Mutex};

@@ -467,6 +467,8 @@ fn passwords_must_be_12_characters_in_production_and_8_in_development() {
 fn a_production_start_refuses_the_development_password() {
     let (_dir, db) = Server::start().stop_keeping_data();
     let db = db.to_str().unwrap().to_string();
+    // By hand, not `Server::start*`: the harness waits for "listening on" and fails without
+    // it, and here the start itself must fail, with what it printed checked.
     let out = Command::new(BIN)
         .args([
             "serve",
@@ -518,6 +520,8 @@ fn a_start_that_cannot_listen_bootstraps_nothing_and_prints_no_password() {
     let taken = holder.local_addr().unwrap().to_string();
     let dir = TempDir::new();
     let db = dir.path().join("e.db");
+    // By hand, not `Server::start*`: this start must fail (the address is taken), and the
+    // harness only knows starts that succeed.
     let out = Command::new(BIN)
         .args([
             "serve",

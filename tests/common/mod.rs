@@ -98,19 +98,23 @@ impl Server {
 
     /// Starts the binary on an existing directory and database file (restarts).
     pub fn start_on(dir: TempDir, db: PathBuf, args: &[&str], envs: &[(&str, &str)]) -> Server {
-        Server::launch(dir, db, args, envs, None)
+        Server::launch(dir, db, "127.0.0.1:0", args, envs, None)
     }
 
     /// Starts the binary under `ulimit -n nofile` (through bash, which can set the limit).
     pub fn start_with_nofile(nofile: u32) -> Server {
         let dir = TempDir::new();
         let db = dir.path().join("echocenter.db");
-        Server::launch(dir, db, &[], &[], Some(nofile))
+        Server::launch(dir, db, "127.0.0.1:0", &[], &[], Some(nofile))
     }
 
+    /// The one place the harness starts the binary: `serve` on `addr` (port 0: a free port)
+    /// and `db`, with the operator's configuration variables cleared, and returns once it
+    /// printed `listening on ADDR`.
     fn launch(
         dir: TempDir,
         db: PathBuf,
+        addr: &str,
         args: &[&str],
         envs: &[(&str, &str)],
         nofile: Option<u32>,
@@ -133,7 +137,7 @@ impl Server {
         };
         cmd.arg("serve")
             .arg("--addr")
-            .arg("127.0.0.1:0")
+            .arg(addr)
             .arg("--db")
             .arg(&db)
             .args(args)
@@ -219,6 +223,19 @@ impl Server {
         }
         let dir = std::mem::replace(&mut self.dir, TempDir(PathBuf::new()));
         (dir, self.db.clone())
+    }
+
+    /// Starts the binary again on the same address and database, after `terminate` or `kill9`
+    /// (a process still running is SIGKILLed first): for clients that keep reconnecting to
+    /// one URL, as the mock agent and the Butler do. `restart` picks a new port instead.
+    pub fn restart_on_same_address(&mut self, args: &[&str], envs: &[(&str, &str)]) {
+        if self.child.is_some() {
+            self.kill9();
+        }
+        let dir = std::mem::replace(&mut self.dir, TempDir(PathBuf::new()));
+        let addr = self.addr.clone();
+        *self = Server::launch(dir, self.db.clone(), &addr, args, envs, None);
+        assert_eq!(self.addr, addr, "the server came back on another address");
     }
 
     /// Stops this process (SIGKILL) and starts a new one on the same database.
