@@ -429,6 +429,10 @@ pub struct UserView {
     /// Humans only: whether the account is disabled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disabled: Option<bool>,
+    /// `GET /api/users/me` of a human only: the shortest password this server accepts, so a
+    /// form can check what the server will.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_min_length: Option<usize>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub machine: Option<MachineView>,
     /// Present only in the response that creates or rotates the token.

@@ -367,6 +367,18 @@ fn an_accounts_lifecycle_with_revoked_sessions_and_the_last_admin_rule() {
     );
     assert_eq!(short.status, 400);
     assert!(short.error().contains("at least 8"), "{}", short.body);
+    let same = s.post(
+        "/api/users/me/password",
+        &carol,
+        json!({"current_password": "pw-123456-long", "new_password": "pw-123456-long"}),
+    );
+    assert_eq!(
+        (same.status, same.error()),
+        (400, "new password must differ from the current one".into())
+    );
+    // The form can know the rule: /me tells a human the shortest password accepted.
+    let me = s.get("/api/users/me", &carol).json();
+    assert_eq!(me["password_min_length"], 8, "{me}");
     let fresh = s.change_password(&carol, "pw-123456-long", "another-long-one");
     assert_eq!(s.get("/api/users/me", &carol).status, 401);
     assert_eq!(s.get("/api/users/me", &fresh).status, 200);
@@ -461,6 +473,14 @@ fn passwords_must_be_12_characters_in_production_and_8_in_development() {
             assert!(r.error().contains("at least 12"), "{}", r.body);
         }
     }
+    assert_eq!(
+        s.get("/api/users/me", &admin).json()["password_min_length"],
+        12
+    );
+    // Machines have no password: no rule in their /me.
+    let (_, agent) = s.register_agent(&admin, "robot");
+    let me = s.get("/api/users/me", &agent).json();
+    assert!(me.get("password_min_length").is_none(), "{me}");
 }
 
 #[test]

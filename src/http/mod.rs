@@ -487,6 +487,7 @@ fn user_view(ctx: &Ctx, u: UserRow, last_report: Option<String>) -> UserView {
         description: u.description,
         created_at: u.created_at,
         disabled: u.role.is_human().then_some(u.disabled),
+        password_min_length: None,
         machine,
         api_token: None,
     }
@@ -623,7 +624,12 @@ fn me(ctx: &Ctx) -> Result<Reply> {
         .store
         .user_by_id(who.id)?
         .ok_or_else(|| Reply::error(401, "invalid token"))?;
-    Ok(Reply::json(200, &single_view(ctx, row)?))
+    let human = row.role.is_human();
+    let mut view = single_view(ctx, row)?;
+    if human {
+        view.password_min_length = Some(auth::min_password_length(ctx.app.production()));
+    }
+    Ok(Reply::json(200, &view))
 }
 
 fn list_logs(ctx: &Ctx) -> Result<Reply> {
@@ -817,6 +823,12 @@ fn change_my_password(ctx: &Ctx) -> Result<Reply> {
     attempt.release();
     if let Some(problem) = auth::password_problem(&req.new_password, ctx.app.production()) {
         return Err(Reply::error(400, &problem));
+    }
+    if req.new_password == req.current_password {
+        return Err(Reply::error(
+            400,
+            "new password must differ from the current one",
+        ));
     }
     let change = HumanChange {
         password_hash: Some(auth::hash_password(&req.new_password)),
