@@ -67,6 +67,8 @@ echocenter serve [flags]: run the server (each flag is also an ECHOCENTER_* vari
   --retain-chat D               keep chat history this long (0: for ever)        365d
   --max-log-rows-per-agent N    newest log lines kept per agent (0: no limit)    100000
   --max-log-bytes-per-agent N   newest log content kept per agent (0: no limit)  67108864
+  --max-log-bytes-per-second N  log content per sender (bursts of 4 s)           262144
+  --approval-ttl D              a Butler request nobody answers expires after    24h
 ";
 
 const AGENT_HELP: &str = "\
@@ -160,6 +162,7 @@ impl From<StoreError> for CliError {
         match e {
             StoreError::Conflict(why) => CliError::Conflict(why.to_string()),
             StoreError::NotFound => CliError::NotFound("not found".into()),
+            e @ StoreError::NewerSchema(_) => CliError::Unreachable(e.to_string()),
             other => CliError::Failed(other.to_string()),
         }
     }

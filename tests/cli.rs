@@ -737,3 +737,34 @@ fn users_are_managed_from_the_command_line_and_the_server_follows() {
         5
     );
 }
+
+/// Every flag the configuration reads is in `serve --help` (the two test-only flags apart)
+/// and in README's configuration table, so a new flag cannot ship undocumented.
+#[test]
+fn every_server_flag_is_in_serve_help_and_in_the_readme() {
+    let source = std::fs::read_to_string("src/config.rs").unwrap();
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let help = stdout(&run(&["serve", "--help"], &[], ""));
+    let mut flags: Vec<&str> = source
+        .split('"')
+        .filter(|s| {
+            s.starts_with("--")
+                && s.len() > 2
+                && s[2..].bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+        })
+        .collect();
+    flags.sort_unstable();
+    flags.dedup();
+    assert!(flags.len() > 20, "flags found in src/config.rs: {flags:?}");
+    for flag in flags {
+        let test_only = matches!(flag, "--conformance-echo" | "--fault-injection");
+        assert!(
+            test_only || help.contains(&format!("  {flag} ")),
+            "{flag} is missing from `serve --help`:\n{help}"
+        );
+        assert!(
+            readme.contains(&format!("`{flag}`")),
+            "{flag} is missing from README's configuration table"
+        );
+    }
+}

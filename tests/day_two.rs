@@ -567,6 +567,45 @@ fn a_start_that_cannot_listen_bootstraps_nothing_and_prints_no_password() {
     assert_eq!(users, 0);
 }
 
+/// A database upgraded by a newer build (it names a migration this build does not have) is
+/// refused, by the server and the command line, rather than misread.
+#[test]
+fn a_database_from_a_newer_build_is_refused_with_a_way_out() {
+    let (_dir, db) = Server::start().stop_keeping_data();
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute(
+            "INSERT INTO migrations (name, applied_at) VALUES ('999_from_the_future', '2030-01-01T00:00:00.000Z')",
+            [],
+        )
+        .unwrap();
+    let db = db.to_str().unwrap().to_string();
+    // By hand, not `Server::start*`: the start must fail.
+    let serve = Command::new(BIN)
+        .args(["serve", "--addr", "127.0.0.1:0", "--db", &db])
+        .output()
+        .unwrap();
+    let list = Command::new(BIN)
+        .args(["agent", "list", "--db", &db])
+        .output()
+        .unwrap();
+    for (what, out) in [("serve", &serve), ("agent list", &list)] {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("newer EchoCenter (migration 999_from_the_future)")
+                && err.contains("restore a backup"),
+            "{what}: {err}"
+        );
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("listening on"));
+    }
+    assert_eq!(
+        list.status.code(),
+        Some(3),
+        "the database is unusable: exit 3"
+    );
+    assert!(!serve.status.success());
+}
+
 // ----- refusals the operator can see --------------------------------------------------------
 
 #[test]

@@ -49,6 +49,9 @@ pub enum StoreError {
     Db(Box<dyn std::error::Error + Send + std::marker::Sync>),
     /// The database file or its directory could not be prepared.
     File(std::io::Error),
+    /// The database was migrated by a newer build (it names a migration this one lacks):
+    /// running on it could misread or damage what the newer build wrote.
+    NewerSchema(String),
     /// The group commit this write was part of failed (disk full, I/O): nothing of it is
     /// stored, and the write may be retried.
     BatchFailed,
@@ -63,6 +66,11 @@ impl std::fmt::Display for StoreError {
             StoreError::NotFound => write!(f, "not found"),
             StoreError::Db(e) => write!(f, "database error: {e}"),
             StoreError::File(e) => write!(f, "{e}"),
+            StoreError::NewerSchema(name) => write!(
+                f,
+                "the database was upgraded by a newer EchoCenter (migration {name}); run that \
+                 version, or restore a backup made before the upgrade"
+            ),
             StoreError::BatchFailed => write!(f, "the commit failed; nothing of it was stored"),
             StoreError::Closed => write!(f, "store is shut down"),
         }

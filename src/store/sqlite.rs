@@ -1055,6 +1055,16 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)",
     )?;
+    let applied: Vec<String> = conn
+        .prepare("SELECT name FROM migrations ORDER BY name")?
+        .query_map([], |r| r.get(0))?
+        .collect::<std::result::Result<_, _>>()?;
+    if let Some(unknown) = applied
+        .iter()
+        .find(|a| !MIGRATIONS.iter().any(|(name, _)| name == a))
+    {
+        return Err(StoreError::NewerSchema(unknown.clone()));
+    }
     for (name, sql) in MIGRATIONS {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let done: bool = tx.query_row(
