@@ -459,6 +459,8 @@ pub struct AgentStatus {
     pub username: String,
     pub role: &'static str,
     pub status: &'static str,
+    /// BUSY or IDLE, as the agent last said (AGENT_STATUS).
+    pub activity: &'static str,
     pub online: bool,
     pub last_seen_at: Option<String>,
     pub last_report: String,

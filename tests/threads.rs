@@ -924,6 +924,22 @@ fn an_agent_says_it_is_busy_or_idle_and_presence_carries_it() {
         listed_status(&s, &admin, agent),
         ("BUSY".into(), "BUSY".into())
     );
+    let statuses = s.get("/api/users/agents/status", &admin).json();
+    let row = statuses
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == agent)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (
+            row["status"].as_str(),
+            row["activity"].as_str(),
+            row["online"].as_bool()
+        ),
+        (Some("BUSY"), Some("BUSY"), Some(true))
+    );
 
     // Saying it again changes nothing, so nobody is told again.
     a.send_json(json!({"type": "AGENT_STATUS", "payload": "busy"}));

@@ -898,6 +898,7 @@ fn agent_statuses(ctx: &Ctx) -> Result<Reply> {
                 username: v.username,
                 role: v.role,
                 status: m.status,
+                activity: m.activity,
                 online: m.online,
                 last_seen_at: m.last_seen_at,
                 last_report: m.last_report,
