@@ -18,6 +18,7 @@ use subtle::ConstantTimeEq;
 use crate::app::App;
 use crate::auth::{self, AuthFailure, BearerError};
 use crate::head::query_param;
+use crate::hub::AnswerRefusal;
 use crate::identity::{sha256_hex, AgentToken, Principal, Role};
 use crate::store::{HumanChange, LogQuery, NewChat, NewLog, NewMachine, StoreError, UserRow};
 use crate::wire::{self, Close, Code, Kind, UserView};
@@ -1217,12 +1218,12 @@ fn auth_response(ctx: &Ctx) -> Result<Reply> {
             200,
             &serde_json::json!({"status": "processed"}),
         )),
-        Err(e) if e.code == Code::TargetNotFound => Err(Reply::error(404, "butler not found")),
-        Err(e) if e.code == Code::Forbidden && e.message.contains("already answered") => {
-            Err(Reply::error(409, "approval already answered"))
+        Err(AnswerRefusal::Failed(e)) if e.code == Code::TargetNotFound => {
+            Err(Reply::error(404, "butler not found"))
         }
-        Err(e) if e.code == Code::Forbidden => Err(Reply::error(403, "forbidden")),
-        Err(_) => Err(Reply::error(500, "internal server error")),
+        Err(AnswerRefusal::Answered(_)) => Err(Reply::error(409, "approval already answered")),
+        Err(AnswerRefusal::NotAddressee) => Err(Reply::error(403, "forbidden")),
+        Err(AnswerRefusal::Failed(_)) => Err(Reply::error(500, "internal server error")),
     }
 }
 

@@ -30,7 +30,7 @@ pub use conn::{Conn, ConnQueues, Control, Outbound};
 pub use envelope::{normalize_level, parse_log_payload, FrameError};
 pub use replay::Replay;
 pub use session::{End, Inbound, Session};
-pub use threads::channel_kind;
+pub use threads::{channel_kind, AnswerRefusal};
 
 use crate::identity::{Principal, Role};
 use crate::metrics::Metrics;
@@ -803,9 +803,16 @@ impl Hub {
 
     /// Delivers an AUTH_RESPONSE posted over REST to the Butler, stored like a WS frame,
     /// and checked and remembered like one (README "Approvals").
-    pub fn post_auth_response(&self, me: &Principal, payload: &RawValue) -> Result<(), FrameError> {
-        let butler = self.require_target(self.butler_id()?)?;
-        let answer = self.check_answer(me, Some(payload))?;
+    pub fn post_auth_response(
+        &self,
+        me: &Principal,
+        payload: &RawValue,
+    ) -> Result<(), AnswerRefusal> {
+        let butler = self
+            .butler_id()
+            .and_then(|id| self.require_target(id))
+            .map_err(AnswerRefusal::Failed)?;
+        let answer = self.judge_answer(me, Some(payload))?;
         let env = Envelope {
             kind: Kind::AuthResponse,
             custom: None,
@@ -818,7 +825,7 @@ impl Hub {
         let stored = self
             .submit_chat(me, &env, butler)
             .wait()
-            .map_err(storage_failed)?;
+            .map_err(|e| AnswerRefusal::Failed(storage_failed(e)))?;
         if let Some(approval) = &answer {
             self.record_answer(approval, Some(payload));
         }

@@ -34,6 +34,16 @@ const CACHE_MAX: usize = 100_000;
 /// Notices kept for a Butler that is not connected.
 const BUTLER_NOTICES_MAX: usize = 1000;
 
+/// Why an answer to an approval is refused.
+pub enum AnswerRefusal {
+    /// Neither the human it was asked of nor an admin.
+    NotAddressee,
+    /// It is no longer pending: APPROVED, REJECTED or EXPIRED.
+    Answered(String),
+    /// The request could not be looked up, or the answer not stored or routed.
+    Failed(FrameError),
+}
+
 /// What the hub remembers of threads, so that filing a frame rarely asks the database.
 #[derive(Default)]
 pub(super) struct ThreadCache {
@@ -168,23 +178,40 @@ impl Hub {
         me: &Principal,
         payload: Option<&RawValue>,
     ) -> Result<Option<Approval>, FrameError> {
+        self.judge_answer(me, payload)
+            .map_err(|refusal| match refusal {
+                AnswerRefusal::NotAddressee => refuse(
+                    Code::Forbidden,
+                    "this approval was asked of someone else (only they, or an admin, may answer)",
+                ),
+                AnswerRefusal::Answered(status) => refuse(
+                    Code::Forbidden,
+                    format!("this approval was already answered: {status}"),
+                ),
+                AnswerRefusal::Failed(e) => e,
+            })
+    }
+
+    pub(super) fn judge_answer(
+        &self,
+        me: &Principal,
+        payload: Option<&RawValue>,
+    ) -> Result<Option<Approval>, AnswerRefusal> {
         let Some((action_id, _)) = answer_of(payload) else {
             return Ok(None);
         };
-        let Some(approval) = self.store.approval(&action_id).map_err(unavailable)? else {
+        let Some(approval) = self
+            .store
+            .approval(&action_id)
+            .map_err(|e| AnswerRefusal::Failed(unavailable(e)))?
+        else {
             return Ok(None);
         };
         if approval.human_id != me.id && me.role != Role::Admin {
-            return Err(refuse(
-                Code::Forbidden,
-                "this approval was asked of someone else (only they, or an admin, may answer)",
-            ));
+            return Err(AnswerRefusal::NotAddressee);
         }
         if approval.status != "PENDING" {
-            return Err(refuse(
-                Code::Forbidden,
-                format!("this approval was already answered: {}", approval.status),
-            ));
+            return Err(AnswerRefusal::Answered(approval.status));
         }
         Ok(Some(approval))
     }
