@@ -16,6 +16,9 @@
 //! - `butler`: the Butler (its raw token from the development endpoint) sends one CHAT to
 //!   each of A agents every I ms and the agents answer it: the fan-out of one machine
 //!   connection. Round-trip latency, lost and duplicated, as `chat` (with ACKs for echoes).
+//! - `flood`: agents send SYSTEM_LOG as fast as the server takes it; the database file's
+//!   size at its peak and after the pruner ran (retention under a flood).
+//! - `search`: an agent's authentication latency, alone and while humans search the log.
 //!
 //! Threads, not async: one blocking reader thread per connection that has something to read
 //! (small stacks), sender threads that pace requests. A connection read and written by two
@@ -27,7 +30,7 @@
 //! Code map: `options` (the command line), `rest` (login, registering the users a run needs),
 //! `ws` (opening and splitting WebSocket connections), `measure` (latency percentiles, /proc
 //! and /metrics readings), `clock` (the one clock), and one module per scenario: `connect`,
-//! `chat/` (chat, stream and the Butler fan-out), `logs`.
+//! `chat/` (chat, stream and the Butler fan-out), `logs`, `flood`, `search`.
 
 use serde_json::{json, Value};
 
@@ -42,13 +45,15 @@ macro_rules! note {
 mod chat;
 mod clock;
 mod connect;
+mod flood;
 mod logs;
 mod measure;
 mod options;
 mod rest;
+mod search;
 mod ws;
 
-use options::{finish_args, ChatArgs, Common, ConnectArgs, LogsArgs};
+use options::{finish_args, ChatArgs, Common, ConnectArgs, FloodArgs, LogsArgs, SearchArgs};
 
 const USAGE: &str = "\
 echoload SCENARIO [options]   (one JSON line of results on stdout)
@@ -65,6 +70,11 @@ scenarios:
   butler    --agents A (200) --interval-ms I (100) --duration S (10) --drain S (5)
             --payload-bytes B (64): the Butler sends one CHAT to each agent every I ms
             (spread evenly: A*1000/I per second), the agents answer it
+  flood     --db PATH (the server's file) --agents N (1) --lines L per agent (100000)
+            --line-bytes B (4000) --sample S (0.5) --settle S (65): SYSTEM_LOG as fast as
+            the server takes it; the database's size at its peak and once the pruner ran
+  search    --searchers K (7) --duration S per phase (10): agent auth latency (WebSocket
+            handshake, REST /me) alone, then while K threads search the log back to back
 
 common:
   --addr 127.0.0.1:18100   loopback only
@@ -120,6 +130,16 @@ fn run(scenario: &str, mut args: pico_args::Arguments) -> Res<Value> {
             let a = LogsArgs::parse(&mut args)?;
             finish_args(args)?;
             logs::run(&common, &a)
+        }
+        "flood" => {
+            let a = FloodArgs::parse(&mut args)?;
+            finish_args(args)?;
+            flood::run(&common, &a)
+        }
+        "search" => {
+            let a = SearchArgs::parse(&mut args)?;
+            finish_args(args)?;
+            search::run(&common, &a)
         }
         other => Err(format!("unknown scenario {other:?}\n{USAGE}")),
     }?;

@@ -217,7 +217,7 @@ fn thread_cpu_ns() -> Option<u64> {
         .ok()
 }
 
-fn fetch_metrics(addr: SocketAddr, token: &str) -> Option<BTreeMap<String, f64>> {
+pub fn fetch_metrics(addr: SocketAddr, token: &str) -> Option<BTreeMap<String, f64>> {
     let (status, body) = http(addr, "GET", "/metrics", Some(token), None).ok()?;
     if status != 200 {
         note!("GET /metrics: HTTP {status}");

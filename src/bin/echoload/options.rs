@@ -253,3 +253,47 @@ impl LogsArgs {
         Ok(a)
     }
 }
+
+pub struct FloodArgs {
+    pub agents: usize,
+    pub lines: u64,
+    pub line_bytes: usize,
+    /// The server's database file, whose size (and its WAL's) is the result.
+    pub db: std::path::PathBuf,
+    pub sample: Duration,
+    pub settle: Duration,
+}
+
+impl FloodArgs {
+    pub fn parse(args: &mut pico_args::Arguments) -> Res<FloodArgs> {
+        let lines: u64 = opt(args, "--lines", 100_000)?;
+        if !(1..=20_000_000).contains(&lines) {
+            return Err("--lines must be between 1 and 20000000 per agent".into());
+        }
+        let db: Option<std::path::PathBuf> = args
+            .opt_value_from_str("--db")
+            .map_err(|e| format!("--db: {e}"))?;
+        Ok(FloodArgs {
+            agents: bounded("--agents", opt(args, "--agents", 1)?, 1, 256)?,
+            lines,
+            line_bytes: bounded("--line-bytes", opt(args, "--line-bytes", 4000)?, 16, 60_000)?,
+            db: db.ok_or("--db PATH (the server's database file) is required")?,
+            sample: secs("--sample", opt(args, "--sample", 0.5)?)?,
+            settle: secs("--settle", opt(args, "--settle", 65.0)?)?,
+        })
+    }
+}
+
+pub struct SearchArgs {
+    pub searchers: usize,
+    pub duration: Duration,
+}
+
+impl SearchArgs {
+    pub fn parse(args: &mut pico_args::Arguments) -> Res<SearchArgs> {
+        Ok(SearchArgs {
+            searchers: bounded("--searchers", opt(args, "--searchers", 7)?, 1, 64)?,
+            duration: secs("--duration", opt(args, "--duration", 10.0)?)?,
+        })
+    }
+}

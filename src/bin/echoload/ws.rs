@@ -69,7 +69,7 @@ impl Write for HandshakeStream {
 }
 
 /// Opens one WebSocket with `token`; returns the socket right after the 101 response.
-fn ws_open(addr: SocketAddr, token: &str) -> Res<TcpStream> {
+pub fn ws_open(addr: SocketAddr, token: &str) -> Res<TcpStream> {
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .map_err(|e| format!("connect: {}", e.kind()))?;
     let _ = s.set_nodelay(true);
