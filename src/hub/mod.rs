@@ -296,6 +296,7 @@ impl Hub {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         self.write().last_seen.clear();
+        self.threads.forget_all();
     }
 
     /// The live user behind a `target_id`. Hits are cached for `DIRECTORY_TTL`; misses are

@@ -233,6 +233,7 @@ impl Backend for Sqlite {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(
             "DELETE FROM chat_messages;
+             DELETE FROM conversation_threads;
              DELETE FROM messages;
              DELETE FROM human_credentials;
              DELETE FROM machine_credentials;
