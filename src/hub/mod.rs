@@ -827,6 +827,10 @@ impl Hub {
         for c in self.conns_of(butler.id) {
             c.deliver(frame.to(Some(stored.id)));
         }
+        // The echo, as over the WebSocket: the answerer's other tabs see the answer.
+        for c in self.conns_of(me.id) {
+            c.deliver(frame.to(None));
+        }
         Ok(())
     }
 
