@@ -12,7 +12,8 @@
 //   BUSY pill, set and cleared live by PRESENCE;
 // - approvals: cards with their final status in the Butler's thread and above the panels:
 //   approved through the UI (two clicks), rejected, answered elsewhere (the server's
-//   refusal is shown), EXPIRED after a server restart.
+//   refusal is shown), EXPIRED after a server restart, and EXPIRED live (AUTH_STATUS_UPDATE)
+//   after a short --approval-ttl.
 //
 // Run: scripts/e2e.sh.
 
@@ -327,7 +328,7 @@ test('threads: list, new, rename, pin, archive; the guide agent answers in the o
     await page.screenshot({ path: path.join(SHOTS, 'dashboard-threads-mobile.png') });
   }));
 
-test('approval cards: pending, approved in two clicks, rejected, answered elsewhere, expired after a restart',
+test('approval cards: pending, approved in two clicks, rejected, answered elsewhere, expired after a restart and live',
   { timeout: 240_000 }, () => withWorld(async (world) => {
     const { api, open, procs } = world;
     const { token: jwt, user: admin } = await api('POST', '/api/auth/login', { username: 'admin', password: 'admin123' });
@@ -399,7 +400,8 @@ test('approval cards: pending, approved in two clicks, rejected, answered elsewh
     const addr = world.server.addr;
     await stop(world.server.child);
     await page.locator('#offline-banner').waitFor();
-    world.server = await startServer(addr, world.db);
+    // Back with a short approval TTL, for the live expiry below.
+    world.server = await startServer(addr, world.db, ['--approval-ttl', '3s']);
     await page.locator('#conn[data-state="live"]').waitFor({ timeout: 45_000 });
     await card(commands[3]).and(page.locator('[data-status="EXPIRED"]')).locator('.verdict', { hasText: 'Expired' }).waitFor();
     await listed(commands[3]).and(page.locator('[data-status="EXPIRED"]')).waitFor();
@@ -412,4 +414,13 @@ test('approval cards: pending, approved in two clicks, rejected, answered elsewh
     await page.setViewportSize({ width: 1440, height: 1200 });
     await page.evaluate(() => { document.activeElement && document.activeElement.blur(); const b = document.getElementById('chat-log'); b.scrollTop = 0; });
     await page.screenshot({ path: path.join(SHOTS, 'dashboard-approvals.png') });
+
+    step('a request left unanswered past --approval-ttl expires live (AUTH_STATUS_UPDATE)');
+    await page.setViewportSize({ width: 1440, height: 900 });
+    const rotatedAgain = await api('PATCH', `/api/users/agents/${butlerRow.id}/token`, {}, jwt);
+    procs.push(startAgent(world.base, rotatedAgain.api_token, 'Butler', ['--auth-request-to', String(admin.id), '--ask', 'restart nginx']));
+    await card('restart nginx').and(page.locator('[data-status="PENDING"]')).waitFor();
+    await card('restart nginx').and(page.locator('[data-status="EXPIRED"]')).waitFor({ timeout: 15_000 });
+    await listed('restart nginx').and(page.locator('[data-status="EXPIRED"]')).waitFor();
+    assert.equal(await page.locator('#conn').getAttribute('data-state'), 'live', 'told live, not by a reconnect');
   }));
