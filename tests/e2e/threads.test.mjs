@@ -300,6 +300,8 @@ test('threads: list, new, rename, pin, archive; the guide agent answers in the o
     assert.equal(await page.locator('#chat-peer').inputValue(), String(weather.id), 'the open conversation is restored');
     await chat.send('frame: ' + JSON.stringify({ type: 'WEATHER_UPDATE', payload: { city: 'Bergen', celsius: 12, rain_mm: 3.5 } }));
     await custom.filter({ hasText: 'Bergen' }).waitFor();
+    await chat.send('frame: ' + JSON.stringify({ type: 'WEATHER_UPDATE', payload: { readings } }));
+    await custom.filter({ hasText: 'readings' }).getByRole('button', { name: 'Show more' }).waitFor();
 
     step('screenshots: threads on a desktop and on a phone');
     await page.getByRole('button', { name: 'Chat with e2e-streamer' }).click();
