@@ -226,7 +226,13 @@ test('threads: list, new, rename, pin, archive; the guide agent answers in the o
     await chat.send('wait for me');
     await chat.mine('wait for me').and(page.locator('[data-status="queued"][data-msg-id]')).waitFor();
     await chat.newThread();
-    await chat.rename('New conversation', 'Later');
+    // Leaving the title field saves it, like Enter.
+    await page.getByRole('button', { name: 'Rename thread New conversation' }).click();
+    await page.locator('#thread-list > li.editing').getByLabel('New title for New conversation').fill('Later');
+    await page.getByLabel('Message', { exact: true }).click();
+    await chat.row('Later').locator('.thread-open').waitFor();
+    await page.waitForFunction(() => document.activeElement === document.getElementById('chat-input'), null);
+    assert.ok((await threadsOf(quiet.id)).some((t) => t.title === 'Later'), 'saved on the server');
     await chat.send('also wait');
     const alsoWait = chat.mine('also wait');
     await alsoWait.and(page.locator('[data-status="queued"][data-msg-id]')).waitFor();
