@@ -41,7 +41,7 @@ export ECHOCENTER_TEST_PYTHON="${ECHOCENTER_TEST_PYTHON:-$PWD/$venv/bin/python}"
 
 mkdir -p target/e2e
 # One file at a time: each starts its own server and browser, and the machine may be small.
-node --test --test-concurrency=1 --test-reporter=tap tests/e2e/dashboard.test.mjs tests/e2e/accounts.test.mjs 2>&1 | tee target/e2e/output.tap
+node --test --test-concurrency=1 --test-reporter=tap tests/e2e/dashboard.test.mjs tests/e2e/accounts.test.mjs tests/e2e/threads.test.mjs 2>&1 | tee target/e2e/output.tap
 status=${PIPESTATUS[0]}
 
 passed=$(sed -n 's/^# pass \([0-9]*\)$/\1/p' target/e2e/output.tap | tail -1)
@@ -50,6 +50,6 @@ passed=${passed:-0}
 failed=${failed:-0}
 if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
 if [ "$passed" -eq 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
-[ "$status" -eq 0 ] && [ "$failed" -eq 0 ] && echo "screenshots: target/e2e/dashboard.png target/e2e/dashboard-mobile.png target/e2e/dashboard-users.png"
+[ "$status" -eq 0 ] && [ "$failed" -eq 0 ] && echo "screenshots: target/e2e/dashboard.png target/e2e/dashboard-mobile.png target/e2e/dashboard-users.png target/e2e/dashboard-threads.png target/e2e/dashboard-approvals.png"
 echo "$passed passed, $failed failed"
 [ "$status" -eq 0 ] && [ "$failed" -eq 0 ]

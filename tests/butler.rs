@@ -650,6 +650,8 @@ fn an_approval_posted_over_rest_forwards_the_instruction() {
         "{req}"
     );
     assert!(w.instructions_to(agent_id).is_empty());
+    // Another tab of alice's.
+    let mut other_tab = w.s.ws(&member_jwt);
 
     // The dashboard's Approve button.
     let r = w.s.post(
@@ -659,6 +661,22 @@ fn an_approval_posted_over_rest_forwards_the_instruction() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json(), json!({"status": "processed"}));
+    // Her other tabs see the answer, as they would one sent over the WebSocket.
+    let echo = other_tab.recv_type("AUTH_RESPONSE");
+    assert_eq!(
+        (
+            echo["payload"]["action_id"].clone(),
+            echo["payload"]["approved"].clone(),
+            echo["sender_id"].clone(),
+            echo["conversation_id"].clone()
+        ),
+        (
+            req["payload"]["action_id"].clone(),
+            json!(true),
+            json!(member_id),
+            req["conversation_id"].clone()
+        )
+    );
 
     w.expect_chat(&mut alice, "Approved, forwarding");
     let reply = w.expect_chat(&mut alice, "Storage-Custodian: ");

@@ -145,6 +145,31 @@ fn reset_recreates_only_admin_and_butler() {
 
     assert_eq!(s.get("/api/messages", &admin).body.trim(), "[]");
     assert_eq!(s.get("/api/chat/history/3", &admin).body.trim(), "[]");
+    assert_eq!(s.get("/api/chat/threads", &admin).body.trim(), "[]");
+    // Thread ids start again too, and the hub does not remember the old ones: thread 1 was
+    // admin's with bot, now it is admin's with the Butler.
+    let t = s.post(
+        "/api/chat/threads",
+        &admin,
+        json!({"peer_id": 2, "channel_kind": "butler_direct"}),
+    );
+    assert_eq!(
+        (t.status, t.json()["id"].clone()),
+        (201, json!(1)),
+        "{}",
+        t.body
+    );
+    let mut human = s.ws(&admin);
+    human.send_json(
+        json!({"type": "CHAT", "target_id": 2, "payload": "after the reset",
+                           "conversation_id": 1, "local_id": "after-1"}),
+    );
+    let echo = human.recv_until(|v| v["local_id"] == "after-1", "the echo");
+    assert_eq!(
+        (echo["type"].clone(), echo["conversation_id"].clone()),
+        (json!("CHAT"), json!(1)),
+        "{echo}"
+    );
     let (id, _) = s.register_agent(&admin, "bot");
     assert_eq!(id, 3, "ids start again after admin (1) and Butler (2)");
     let r = dev_token(&s, &admin, "alice");
@@ -193,6 +218,42 @@ fn mock_chat_stores_without_delivering() {
     }
     let h = s.get(&format!("/api/chat/history/{bot_id}"), &admin).json();
     assert_eq!(ids(&h), vec![id], "failed seeds stored nothing");
+}
+
+#[test]
+fn mock_chat_is_filed_into_a_thread_like_a_sent_frame() {
+    let s = Server::start();
+    let admin = s.admin_token();
+    let (bot_id, _bot) = s.register_agent(&admin, "bot");
+    let seed = |from: &str, to: &str, content: &str| {
+        let r = s.post(
+            "/api/dev/mock/chat",
+            &admin,
+            json!({"sender_username": from, "receiver_username": to, "content": content}),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.json()["id"].as_i64().unwrap()
+    };
+    // A human's message naming no thread goes to the pair's default thread, made on demand;
+    // the agent's answer follows the human into it.
+    let asked = seed("admin", "bot", "seeded question");
+    let answered = seed("bot", "admin", "seeded answer");
+    let threads = s
+        .get(&format!("/api/chat/threads?peer_id={bot_id}"), &admin)
+        .json();
+    assert_eq!(threads.as_array().unwrap().len(), 1, "{threads}");
+    assert_eq!(threads[0]["is_default"], true);
+    assert!(threads[0]["last_message_at"].is_string(), "{threads}");
+    let id = threads[0]["id"].as_i64().unwrap();
+    let rows = s
+        .get(&format!("/api/chat/threads/{id}/messages"), &admin)
+        .json();
+    assert_eq!(ids(&rows), vec![asked, answered]);
+    assert!(rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["conversation_id"] == id));
 }
 
 #[test]

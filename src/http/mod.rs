@@ -1332,6 +1332,12 @@ fn dev_chat(ctx: &Ctx) -> Result<Reply> {
         Some(Some(k)) if Kind::REPLAYED.contains(&k) => k,
         Some(_) => return Err(Reply::error(400, "invalid type")),
     };
+    // Filed into a thread as a sent frame would be, or the thread-only dashboard never shows it.
+    let conversation_id = ctx
+        .app
+        .hub
+        .thread_for(&sender, &receiver, kind)
+        .map_err(|_| Reply::error(500, "internal server error"))?;
     let stored = ctx.app.store.insert_chat(NewChat {
         sender_id: sender.id,
         receiver_id: receiver.id,
@@ -1339,7 +1345,7 @@ fn dev_chat(ctx: &Ctx) -> Result<Reply> {
         payload: req.content.get().to_string(),
         local_id: req.local_id.filter(|l| !l.is_empty()),
         stream_id: None,
-        conversation_id: None,
+        conversation_id,
         forward: !receiver.role.is_human(),
     })?;
     Ok(Reply::json(201, &serde_json::json!({"id": stored.id})))

@@ -296,6 +296,7 @@ impl Hub {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         self.write().last_seen.clear();
+        self.threads.forget_all();
     }
 
     /// The live user behind a `target_id`. Hits are cached for `DIRECTORY_TTL`; misses are
@@ -832,6 +833,10 @@ impl Hub {
         let frame = self.frame_from(me, &env, Some(stored.id), &stored.timestamp);
         for c in self.conns_of(butler.id) {
             c.deliver(frame.to(Some(stored.id)));
+        }
+        // The echo, as over the WebSocket: the answerer's other tabs see the answer.
+        for c in self.conns_of(me.id) {
+            c.deliver(frame.to(None));
         }
         Ok(())
     }

@@ -55,6 +55,18 @@ pub(super) struct ThreadCache {
     butler_notices: Mutex<Vec<Shared>>,
 }
 
+impl ThreadCache {
+    /// After a data reset: thread ids start again at 1 and name other pairs.
+    pub(super) fn forget_all(&self) {
+        self.pairs.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.butler_notices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
 fn remember<K: std::hash::Hash + Eq, V>(map: &Mutex<HashMap<K, V>>, k: K, v: V) {
     let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
     if m.len() >= CACHE_MAX {
@@ -121,6 +133,40 @@ impl Hub {
         }
         env.conversation_id = Some(thread);
         Ok(())
+    }
+
+    /// The thread a frame of `kind` from `sender` to `receiver`, naming none, is filed into:
+    /// for frames stored without being sent (the development endpoint), so that they land
+    /// where a sent one would. None between two machines (or two humans).
+    pub fn thread_for(
+        &self,
+        sender: &crate::store::UserRow,
+        receiver: &crate::store::UserRow,
+        kind: Kind,
+    ) -> Result<Option<i64>, FrameError> {
+        let me = Principal {
+            id: sender.id,
+            username: sender.username.clone(),
+            role: sender.role,
+            token_hash: None,
+            expires_at: None,
+            session_gen: 0,
+        };
+        let target = Target {
+            id: receiver.id,
+            role: receiver.role,
+        };
+        let mut env = Envelope {
+            kind,
+            custom: None,
+            target_id: receiver.id,
+            payload: None,
+            local_id: None,
+            stream_id: None,
+            conversation_id: None,
+        };
+        self.file(&me, target, &mut env)?;
+        Ok(env.conversation_id)
     }
 
     fn thread_pair(&self, id: i64) -> Result<Option<(i64, i64)>, FrameError> {

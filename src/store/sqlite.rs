@@ -34,6 +34,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../sql/003_retention_search.sql"),
     ),
     ("004_threads", include_str!("../../sql/004_threads.sql")),
+    (
+        "005_file_unthreaded_chat",
+        include_str!("../../sql/005_file_unthreaded_chat.sql"),
+    ),
 ];
 /// Connections for authentication and routing lookups, and for everything else.
 const AUTH_CONNECTIONS: usize = 2;
@@ -233,6 +237,7 @@ impl Backend for Sqlite {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(
             "DELETE FROM chat_messages;
+             DELETE FROM conversation_threads;
              DELETE FROM messages;
              DELETE FROM human_credentials;
              DELETE FROM machine_credentials;

@@ -8,7 +8,12 @@ tells agents to be written (websocket-client, one WebSocket, JSON frames).
   CHAT_STREAM_END. It pauses --delay seconds between steps so a browser can watch the stream.
   It also logs one SYSTEM_LOG per CHAT handled.
 - With --auth-request-to USER_ID (run it with the Butler's token) it also sends an
-  AUTH_REQUEST to that human and logs the AUTH_RESPONSE it gets back as a SYSTEM_LOG.
+  AUTH_REQUEST to that human (one per --ask COMMAND, else one for --command) and logs each
+  AUTH_RESPONSE it gets back as a SYSTEM_LOG.
+- --send JSON (repeatable) sends that frame, verbatim, right after connecting (an
+  AGENT_STATUS, a custom type such as WEATHER_UPDATE). With --frames-by-chat, a CHAT whose
+  text is "frame: JSON" makes it send that frame instead of answering, so a test can choose
+  when (AGENT_STATUS IDLE later, say).
 - With --silent it answers nothing: it counts the CHATs it receives and logs the count
   every 100 (a receiver for store and forward's replay).
 - With --connect URL it connects to that exact URL: the connect line the dashboard's token
@@ -44,6 +49,11 @@ def main():
     ap.add_argument("--delay", type=float, default=0.4)
     ap.add_argument("--auth-request-to", type=int, default=0)
     ap.add_argument("--command", default="systemctl restart storage")
+    ap.add_argument("--ask", action="append", default=[],
+                    help="with --auth-request-to: one AUTH_REQUEST per command (repeatable)")
+    ap.add_argument("--send", action="append", default=[], help="a frame (JSON) to send on connect")
+    ap.add_argument("--frames-by-chat", action="store_true",
+                    help='a CHAT "frame: JSON" makes the agent send that frame')
     ap.add_argument("--silent", action="store_true",
                     help="do not answer CHATs: count them and log the count every 100")
     args = ap.parse_args()
@@ -54,21 +64,26 @@ def main():
     say("connected")
     send(ws, {"type": "SYSTEM_LOG", "payload": {"level": "SUCCESS", "content": f"{args.name} online"}})
 
+    for raw in args.send:
+        ws.send(raw)
+        say(f"sent {raw}")
+
     if args.auth_request_to:
-        action_id = str(uuid.uuid4())
-        send(ws, {
-            "type": "AUTH_REQUEST",
-            "target_id": args.auth_request_to,
-            "local_id": str(uuid.uuid4()),
-            "payload": {
-                "action_id": action_id,
-                "target_agent_name": "Storage-Custodian",
-                "command": args.command,
-                "reason": "disk usage above 90%",
-                "status": "PENDING",
-            },
-        })
-        say(f"auth request {action_id}")
+        for command in args.ask or [args.command]:
+            action_id = str(uuid.uuid4())
+            send(ws, {
+                "type": "AUTH_REQUEST",
+                "target_id": args.auth_request_to,
+                "local_id": str(uuid.uuid4()),
+                "payload": {
+                    "action_id": action_id,
+                    "target_agent_name": "Storage-Custodian",
+                    "command": command,
+                    "reason": "disk usage above 90%",
+                    "status": "PENDING",
+                },
+            })
+            say(f"auth request {action_id} {command}")
 
     handled = 0
     while True:
@@ -88,6 +103,11 @@ def main():
             if handled % 100 == 0:
                 send(ws, {"type": "SYSTEM_LOG", "payload": {"level": "INFO", "content": f"{args.name} received {handled} chats"}})
                 say(f"received {handled} chats")
+        elif (kind == "CHAT" and args.frames_by_chat and isinstance(msg.get("payload"), str)
+              and msg["payload"].startswith("frame: ")):
+            raw = msg["payload"][len("frame: "):]
+            ws.send(raw)
+            say(f"sent {raw}")
         elif kind == "CHAT" and msg.get("sender_id"):
             handled += 1
             text = msg.get("payload")
