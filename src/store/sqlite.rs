@@ -187,6 +187,7 @@ impl Backend for Sqlite {
         tx.execute_batch(
             "DELETE FROM chat_messages;
              DELETE FROM messages;
+             DELETE FROM conversation_threads;
              DELETE FROM human_credentials;
              DELETE FROM machine_credentials;
              DELETE FROM users;
