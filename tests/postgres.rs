@@ -255,7 +255,7 @@ fn a_file_backup_is_refused_with_a_pointer_to_pg_dump() {
         &[],
     );
     let err = stderr(&o);
-    // Exit 1: "any other error" of the command line's table (README "Exit status").
+    // Exit 1: "any other error" in the command line's exit statuses (`echocenter help`).
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("pg_dump"), "{err}");
     assert!(!target.exists());
