@@ -331,3 +331,42 @@ fn the_originals_db_driver_and_pg_variables_reach_the_database() {
     let listed = String::from_utf8_lossy(&o.stdout);
     assert!(listed.contains("upstream-bot"), "{listed}");
 }
+
+#[test]
+fn the_server_carries_on_after_its_database_connections_are_cut() {
+    if !cluster() {
+        return;
+    }
+    let s = Server::start();
+    let admin = s.admin_token();
+    let (agent_id, token) = s.register_agent(&admin, "survivor");
+    let mut agent = s.ws(&token);
+    agent
+        .send_json(json!({"type": "CHAT", "target_id": 1, "payload": "before", "local_id": "c-1"}));
+    let before = agent.recv_type("ACK")["id"].as_i64().unwrap();
+
+    // Every pooled client and the writer's lose their connections at once.
+    let cut = pg_cut_connections(&s.db);
+    assert!(cut >= 7, "the server's connections: {cut}");
+    // Reads: each client finds its connection gone at its next statement and runs it again
+    // on a new one. Administrative writes check first.
+    assert_eq!(s.get("/api/users/me", &admin).status, 200);
+    assert_eq!(s.login("admin", "admin123").status, 200);
+    let (_, other) = s.register_agent(&admin, "newcomer");
+    assert_eq!(s.get("/api/users/me", &other).status, 200);
+    // The writer: its next batch's BEGIN finds the connection gone, and the batch goes on a
+    // new one. Nothing is lost or stored twice.
+    agent.send_json(json!({"type": "CHAT", "target_id": 1, "payload": "after", "local_id": "c-2"}));
+    let after = agent.recv_type("ACK")["id"].as_i64().unwrap();
+    assert!(after > before);
+    let history = s
+        .get(&format!("/api/chat/history/{agent_id}"), &admin)
+        .json();
+    let payloads: Vec<&Value> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["payload"])
+        .collect();
+    assert_eq!(payloads, vec![&json!("before"), &json!("after")]);
+}

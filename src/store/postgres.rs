@@ -107,12 +107,11 @@ pub fn open(dsn: &PostgresDsn) -> Result<(Postgres, PostgresWriter)> {
         .collect::<Result<Vec<_>>>()?;
     let writer = PostgresWriter {
         conn: Some(Conn::connect(&config)?),
-        config: config.clone(),
+        config,
     };
     let backend = Postgres {
         shown: dsn.redacted().to_string(),
         search,
-        config,
         general: Pool::new(general),
         auth: Pool::new(auth),
     };
@@ -124,6 +123,7 @@ pub fn open(dsn: &PostgresDsn) -> Result<(Postgres, PostgresWriter)> {
 struct Conn {
     client: Client,
     statements: HashMap<String, Statement>,
+    config: ::postgres::Config,
 }
 
 impl Conn {
@@ -131,22 +131,59 @@ impl Conn {
         Ok(Conn {
             client: config.connect(NoTls)?,
             statements: HashMap::new(),
+            config: config.clone(),
         })
     }
 
+    /// The client, checked with a no-op round trip first (and replaced if its connection
+    /// is gone), for what must not fail just because an idle connection was cut: a
+    /// transaction, or a write that may not run twice. These are the rare administrative
+    /// writes, so the extra round trip costs nothing that matters.
+    fn checked(&mut self) -> Result<&mut Client> {
+        if self.client.is_closed() || self.client.is_valid(Duration::from_secs(5)).is_err() {
+            self.reconnect()?;
+        }
+        Ok(&mut self.client)
+    }
+
+    /// A new connection in place of this one, when it was lost.
+    fn reconnect(&mut self) -> Result<()> {
+        let fresh = Conn::connect(&self.config)?;
+        *self = fresh;
+        Ok(())
+    }
+
+    /// One statement; when the connection turns out to be gone (the database restarted, an
+    /// administrator ran pg_terminate_backend), once more on a new one, so that the caller
+    /// does not see the failure. Only statements that may safely run twice come through
+    /// here: reads, and idempotent writes (upserts, clearing a column).
+    fn once_more<T>(
+        &mut self,
+        sql: &str,
+        run: impl Fn(&mut Client, &Statement) -> std::result::Result<T, ::postgres::Error>,
+    ) -> Result<T> {
+        let first = prepared(&mut self.statements, &mut self.client, sql)
+            .and_then(|st| Ok(run(&mut self.client, &st)?));
+        match first {
+            Err(_) if self.client.is_closed() => {
+                self.reconnect()?;
+                let st = prepared(&mut self.statements, &mut self.client, sql)?;
+                Ok(run(&mut self.client, &st)?)
+            }
+            other => other,
+        }
+    }
+
     fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
-        let st = prepared(&mut self.statements, &mut self.client, sql)?;
-        Ok(self.client.query(&st, params)?)
+        self.once_more(sql, |c, st| c.query(st, params))
     }
 
     fn query_opt(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>> {
-        let st = prepared(&mut self.statements, &mut self.client, sql)?;
-        Ok(self.client.query_opt(&st, params)?)
+        self.once_more(sql, |c, st| c.query_opt(st, params))
     }
 
     fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
-        let st = prepared(&mut self.statements, &mut self.client, sql)?;
-        Ok(self.client.execute(&st, params)?)
+        self.once_more(sql, |c, st| c.execute(st, params))
     }
 }
 
@@ -175,26 +212,26 @@ pub struct Postgres {
     /// The connection string without its password.
     shown: String,
     search: Search,
-    config: ::postgres::Config,
     general: Pool<Conn>,
     auth: Pool<Conn>,
 }
 
 impl Postgres {
     fn conn(&self) -> Result<Lease<'_, Conn>> {
-        revive(self.general.get(), &self.config)
+        revive(self.general.get())
     }
 
     fn auth_conn(&self) -> Result<Lease<'_, Conn>> {
-        revive(self.auth.get(), &self.config)
+        revive(self.auth.get())
     }
 }
 
-/// A pooled client whose connection was lost (a database restart, a network cut) is
-/// replaced on its next use; until the database answers again, each use fails on its own.
-fn revive<'a>(mut lease: Lease<'a, Conn>, config: &::postgres::Config) -> Result<Lease<'a, Conn>> {
+/// A pooled client whose connection is known to be lost (a database restart, a network cut)
+/// is replaced before it is lent; until the database answers again, each use fails on its
+/// own. (One lost unnoticed is found by its next statement: `Conn::once_more`.)
+fn revive(mut lease: Lease<'_, Conn>) -> Result<Lease<'_, Conn>> {
     if lease.client.is_closed() {
-        *lease = Conn::connect(config)?;
+        lease.reconnect()?;
     }
     Ok(lease)
 }
@@ -254,7 +291,7 @@ impl Backend for Postgres {
         keep_raw: bool,
     ) -> Result<bool> {
         let mut conn = self.conn()?;
-        let mut tx = conn.client.transaction()?;
+        let mut tx = conn.checked()?.transaction()?;
         // Nodes starting together on an empty database: one creates the admin and the
         // Butler, the others wait here and then find them.
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&BOOTSTRAP_LOCK])?;
@@ -292,7 +329,7 @@ impl Backend for Postgres {
 
     fn wipe(&self) -> Result<()> {
         // Settings (the JWT secret and key generation) stay, as on SQLite; ids start at 1.
-        self.conn()?.client.batch_execute(
+        self.conn()?.checked()?.batch_execute(
             "TRUNCATE chat_messages, messages, conversation_threads, human_credentials,
                       machine_credentials, users, log_usage RESTART IDENTITY CASCADE",
         )?;
@@ -303,7 +340,7 @@ impl Backend for Postgres {
 
     fn create_human(&self, username: &str, role: Role, password_hash: &str) -> Result<UserRow> {
         let mut conn = self.conn()?;
-        let mut tx = conn.client.transaction()?;
+        let mut tx = conn.checked()?.transaction()?;
         let id = insert_human(
             &mut tx,
             username,
@@ -317,7 +354,7 @@ impl Backend for Postgres {
 
     fn create_machine(&self, m: &NewMachine, keep_raw: bool) -> Result<UserRow> {
         let mut conn = self.conn()?;
-        let mut tx = conn.client.transaction()?;
+        let mut tx = conn.checked()?.transaction()?;
         let id = insert_machine(&mut tx, m, keep_raw, &clock::now_rfc3339())?;
         tx.commit()?;
         user_by_id(&mut conn, id)?.ok_or(StoreError::NotFound)
@@ -401,7 +438,7 @@ impl Backend for Postgres {
 
     fn update_human(&self, id: i64, change: &HumanChange) -> Result<UserRow> {
         let mut conn = self.conn()?;
-        let mut tx = conn.client.transaction()?;
+        let mut tx = conn.checked()?.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&HUMANS_LOCK])?;
         let exists = tx.query_opt(
             "SELECT id FROM users WHERE id = $1 AND deleted_at IS NULL AND role IN ('ADMIN', 'MEMBER')",
@@ -447,7 +484,7 @@ impl Backend for Postgres {
 
     fn delete_human(&self, id: i64) -> Result<()> {
         let mut conn = self.conn()?;
-        let mut tx = conn.client.transaction()?;
+        let mut tx = conn.checked()?.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&HUMANS_LOCK])?;
         let n = tx.execute(
             "UPDATE users SET deleted_at = $2, session_gen = session_gen + 1
@@ -534,7 +571,7 @@ impl Backend for Postgres {
         let now = clock::now_rfc3339();
         let hash = token.sha256();
         let raw = keep_raw.then_some(token.expose());
-        let res = self.conn()?.client.execute(
+        let res = self.conn()?.checked()?.execute(
             "INSERT INTO machine_credentials (user_id, token_sha256, token_hint, api_token, created_at, updated_at)
              VALUES ($1, $2, $3, $4, $5, $5)
              ON CONFLICT (user_id) DO UPDATE SET token_sha256 = excluded.token_sha256,
@@ -547,7 +584,7 @@ impl Backend for Postgres {
 
     fn delete_agent(&self, user_id: i64) -> Result<()> {
         let mut conn = self.conn()?;
-        let mut tx = conn.client.transaction()?;
+        let mut tx = conn.checked()?.transaction()?;
         tx.execute(
             "DELETE FROM machine_credentials WHERE user_id = $1",
             &[&user_id],
@@ -596,7 +633,7 @@ impl Backend for Postgres {
     ) -> Result<ThreadRow> {
         let mut conn = self.conn()?;
         let now = clock::now_rfc3339();
-        let row = conn.client.query_one(
+        let row = conn.checked()?.query_one(
             "INSERT INTO conversation_threads
                  (owner_user_id, peer_user_id, channel_kind, title, is_default, created_at, updated_at)
              VALUES ($1, $2, $3, $4, FALSE, $5, $5) RETURNING id",
@@ -619,7 +656,7 @@ impl Backend for Postgres {
             // the other finds it.
             let now = clock::now_rfc3339();
             id = conn
-                .client
+                .checked()?
                 .query_opt(
                     "INSERT INTO conversation_threads
                          (owner_user_id, peer_user_id, channel_kind, title, is_default, created_at, updated_at)
@@ -648,7 +685,7 @@ impl Backend for Postgres {
             change
                 .is_archived
                 .map(|a| if a { Some(now.as_str()) } else { None });
-        let n = conn.client.execute(
+        let n = conn.checked()?.execute(
             "UPDATE conversation_threads SET
                  title = COALESCE($2::text, title),
                  summary = CASE WHEN $3::text IS NULL THEN summary ELSE NULLIF($3::text, '') END,
@@ -712,7 +749,7 @@ impl Backend for Postgres {
 
     fn set_approval_status(&self, request_id: i64, status: &str) -> Result<bool> {
         let mut conn = self.conn()?;
-        let mut tx = conn.client.transaction()?;
+        let mut tx = conn.checked()?.transaction()?;
         let row = tx.query_opt(
             "SELECT content FROM chat_messages WHERE id = $1 AND type = 'AUTH_REQUEST' FOR UPDATE",
             &[&request_id],
@@ -734,7 +771,7 @@ impl Backend for Postgres {
 
     fn expire_approvals(&self, before: Option<&str>) -> Result<Vec<Approval>> {
         let mut conn = self.conn()?;
-        let mut tx = conn.client.transaction()?;
+        let mut tx = conn.checked()?.transaction()?;
         let rows = tx.query(
             "SELECT id, content, echocenter_json_field(content, 'action_id'), sender_id,
                     receiver_id, conversation_id
@@ -1170,8 +1207,12 @@ impl PostgresWriter {
     }
 }
 
-impl Batches for PostgresWriter {
-    fn write(&mut self, batch: &[Job]) -> (Vec<Outcome>, bool) {
+impl PostgresWriter {
+    fn write_again(&mut self, batch: &[Job]) -> (Vec<Outcome>, bool) {
+        self.attempt(batch, true)
+    }
+
+    fn attempt(&mut self, batch: &[Job], retried: bool) -> (Vec<Outcome>, bool) {
         let conn = match self.live() {
             Ok(conn) => conn,
             Err(e) => {
@@ -1182,9 +1223,14 @@ impl Batches for PostgresWriter {
                 return (failed(batch), false);
             }
         };
+        // (The cross-node bus adds its one pg_notify per batch to this transaction: a
+        // NOTIFY is delivered when its transaction commits, and only then.)
         match write_batch(conn, batch) {
             Ok(outcomes) => (outcomes, true),
-            Err(e) => {
+            // The connection was found gone at BEGIN: nothing of this batch reached the
+            // database, so it goes once more on a new connection.
+            Err(Attempt::NotBegun(_)) if !retried => self.write_again(batch),
+            Err(Attempt::NotBegun(e) | Attempt::Failed(e)) => {
                 crate::log_error!(
                     "store: commit failed, {} writes not stored: {e}",
                     batch.len()
@@ -1193,11 +1239,19 @@ impl Batches for PostgresWriter {
             }
         }
     }
+}
+
+impl Batches for PostgresWriter {
+    fn write(&mut self, batch: &[Job]) -> (Vec<Outcome>, bool) {
+        self.attempt(batch, false)
+    }
 
     fn prune_step(&mut self, r: &Retention) -> Result<Pruned> {
         let now = clock::now_ms();
         let conn = self.live()?;
-        let Conn { client, statements } = conn;
+        let Conn {
+            client, statements, ..
+        } = conn;
         let mut tx = client.transaction()?;
         let mut pruned = Pruned::default();
         if let Some(keep) = r.logs_for {
@@ -1296,17 +1350,37 @@ fn trim_log_budgets(tx: &mut Transaction, r: &Retention) -> Result<u64> {
 /// constraint aborts a PostgreSQL transaction, unlike SQLite's statement) is written again
 /// row by row, each row in a savepoint of its own, so that the row fails alone as it does on
 /// SQLite; a lost connection or a failing commit fails the whole batch.
-fn write_batch(conn: &mut Conn, batch: &[Job]) -> Result<Vec<Outcome>> {
+fn write_batch(conn: &mut Conn, batch: &[Job]) -> std::result::Result<Vec<Outcome>, Attempt> {
     match run_batch(conn, batch, false) {
         Ok(outcomes) => Ok(outcomes),
-        Err(e) if conn.client.is_closed() => Err(e),
-        Err(e) => {
+        Err(Attempt::Failed(e)) if !conn.client.is_closed() => {
             crate::log_warn!(
                 "store: a batch of {} writes failed ({e}); writing it again one row at a time",
                 batch.len()
             );
             run_batch(conn, batch, true)
         }
+        Err(e) => Err(e),
+    }
+}
+
+/// How an attempt at a batch failed: at its BEGIN (nothing of the batch reached the
+/// database; typically the connection was found gone), or later (it may have, up to its
+/// rollback or a commit whose answer was lost).
+enum Attempt {
+    NotBegun(StoreError),
+    Failed(StoreError),
+}
+
+impl From<StoreError> for Attempt {
+    fn from(e: StoreError) -> Self {
+        Attempt::Failed(e)
+    }
+}
+
+impl From<::postgres::Error> for Attempt {
+    fn from(e: ::postgres::Error) -> Self {
+        Attempt::Failed(e.into())
     }
 }
 
@@ -1320,9 +1394,18 @@ struct Rows<'a> {
     delivered: Vec<i64>,
 }
 
-fn run_batch(conn: &mut Conn, batch: &[Job], careful: bool) -> Result<Vec<Outcome>> {
-    let Conn { client, statements } = conn;
-    let mut tx = client.transaction()?;
+fn run_batch(
+    conn: &mut Conn,
+    batch: &[Job],
+    careful: bool,
+) -> std::result::Result<Vec<Outcome>, Attempt> {
+    let Conn {
+        client, statements, ..
+    } = conn;
+    // A BEGIN that fails ran nothing of the batch (typically: the connection is gone).
+    let mut tx = client
+        .transaction()
+        .map_err(|e| Attempt::NotBegun(e.into()))?;
     let mut outcomes: Vec<Outcome> = batch.iter().map(|_| Outcome::Nothing).collect();
     let mut rows = Rows::default();
     for (i, job) in batch.iter().enumerate() {

@@ -113,6 +113,30 @@ fn pg_admin(sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
+/// Cuts every connection to the PostgreSQL database made for `path` (as an administrator's
+/// pg_terminate_backend, or a database restart, would); returns how many there were.
+pub fn pg_cut_connections(path: &Path) -> i64 {
+    let url = db_arg(path);
+    let name = url
+        .rsplit('/')
+        .next()
+        .and_then(|tail| tail.split('?').next())
+        .unwrap()
+        .to_string();
+    let mut client = postgres::Client::connect(&pg_url("postgres"), postgres::NoTls)
+        .or_else(|_| {
+            postgres::Client::connect(&pg_url(&pg_env("PGDATABASE", "postgres")), postgres::NoTls)
+        })
+        .unwrap();
+    client
+        .query_one(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1",
+            &[&name],
+        )
+        .unwrap()
+        .get(0)
+}
+
 /// The URL of database `name` in the libpq variables' cluster.
 pub fn pg_url(name: &str) -> String {
     let enc = |s: &str| {
