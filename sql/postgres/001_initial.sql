@@ -5,7 +5,9 @@
 -- Timestamps stay TEXT in the server's own format, RFC 3339 UTC with milliseconds
 -- ("2026-11-28T20:11:26.123Z"): they sort as text, the API returns them byte for byte as
 -- SQLite's backend does, and they come from the server's clock, not the database's (see
--- src/store/postgres.rs). Chat payloads stay TEXT too: stored exactly as sent.
+-- src/store/postgres.rs). Those that are compared or ordered are COLLATE "C": byte order,
+-- as on SQLite, whatever the database's locale. Chat payloads stay TEXT too: stored exactly
+-- as sent.
 --
 -- The log search index (pg_trgm) is not here: it is made at start-up when the extension can
 -- be created (src/store/postgres.rs, `search_index`), and the search scans without it.
@@ -55,7 +57,7 @@ CREATE TABLE messages (
     agent_id  TEXT NOT NULL,
     level     TEXT NOT NULL,
     content   TEXT NOT NULL,
-    timestamp TEXT NOT NULL,
+    timestamp TEXT COLLATE "C" NOT NULL,
     sender_id BIGINT REFERENCES users(id),
     local_id  TEXT,
     -- Idempotency per sender (NULLs are distinct: rows without a local_id never collide).
@@ -73,7 +75,7 @@ CREATE TABLE chat_messages (
     content         TEXT NOT NULL,
     stream_id       TEXT,
     conversation_id BIGINT,
-    timestamp       TEXT NOT NULL,
+    timestamp       TEXT COLLATE "C" NOT NULL,
     -- Store and forward: 0 while a frame addressed to an agent or the Butler has not been
     -- written to one of its connections, 1 once it has (always for humans), 2 retired.
     delivered       INTEGER NOT NULL DEFAULT 1,
@@ -136,7 +138,7 @@ CREATE TABLE conversation_threads (
     -- The pair's default thread: where frames that name no thread go (one per pair).
     is_default      BOOLEAN NOT NULL DEFAULT FALSE,
     archived_at     TEXT,
-    last_message_at TEXT,
+    last_message_at TEXT COLLATE "C",
     created_at      TEXT NOT NULL,
     updated_at      TEXT NOT NULL
 );

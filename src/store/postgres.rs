@@ -553,16 +553,16 @@ impl Backend for Postgres {
     }
 
     fn last_reports(&self, usernames: &[&str]) -> Result<HashMap<String, String>> {
-        let mut conn = self.conn()?;
+        // One round trip: each agent's newest line, looked up in messages_agent (agent_id, id).
+        let rows = self.conn()?.query(
+            "SELECT a.name, m.content FROM unnest($1::text[]) AS a(name)
+             CROSS JOIN LATERAL (SELECT content FROM messages WHERE agent_id = a.name
+                                 ORDER BY id DESC LIMIT 1) m",
+            &[&usernames],
+        )?;
         let mut out = HashMap::new();
-        for name in usernames {
-            let row = conn.query_opt(
-                "SELECT content FROM messages WHERE agent_id = $1 ORDER BY id DESC LIMIT 1",
-                &[name],
-            )?;
-            if let Some(r) = row {
-                out.insert((*name).to_string(), r.try_get(0)?);
-            }
+        for r in &rows {
+            out.insert(r.try_get(0)?, r.try_get(1)?);
         }
         Ok(out)
     }
@@ -841,7 +841,7 @@ impl Backend for Postgres {
         }
         if let Some(text) = &q.q {
             let pattern = format!("%{}%", escape_like(text));
-            sql += &format!(" AND content ILIKE {} ESCAPE '\\'", args.bind(pattern));
+            sql += &format!(" AND content ILIKE {} ESCAPE E'\\\\'", args.bind(pattern));
         }
         sql += &format!(
             " ORDER BY id DESC LIMIT {} OFFSET {}",
