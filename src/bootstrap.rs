@@ -10,7 +10,7 @@ use crate::store::Store;
 /// copies are kept. Shared by `serve` and the command-line subcommands.
 pub fn open_store(config: &Config) -> Result<Store, String> {
     let store = Store::open(&config.db, config.sync)
-        .map_err(|e| format!("cannot open database {}: {e}", config.db.display()))?;
+        .map_err(|e| format!("cannot open database {}: {e}", config.db))?;
     if config.env == Environment::Production {
         let cleared = store.clear_raw_tokens().map_err(|e| e.to_string())?;
         if cleared > 0 {
@@ -108,11 +108,13 @@ pub fn jwt_secret(store: &Store, config: &Config) -> Result<Vec<u8>, String> {
     match store.setting("jwt_secret").map_err(|e| e.to_string())? {
         Some(hexed) => hex::decode(hexed).map_err(|e| format!("stored jwt_secret is corrupt: {e}")),
         None => {
-            let secret = auth::random_bytes::<32>().to_vec();
-            store
-                .set_setting("jwt_secret", &hex::encode(&secret))
+            // Stored only if no other process (another node starting on the same database)
+            // stored one first; every process then signs with the one stored.
+            let candidate = hex::encode(auth::random_bytes::<32>());
+            let stored = store
+                .setting_or_init("jwt_secret", &candidate)
                 .map_err(|e| e.to_string())?;
-            Ok(secret)
+            hex::decode(stored).map_err(|e| format!("stored jwt_secret is corrupt: {e}"))
         }
     }
 }

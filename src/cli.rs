@@ -12,7 +12,7 @@ use std::ffi::OsString;
 use std::io::Read;
 
 use crate::auth;
-use crate::config::{Config, Environment, Loader};
+use crate::config::{Config, Database, Environment, Loader};
 use crate::identity::Role;
 use crate::store::{HumanChange, NewMachine, Store, StoreError, UserRow};
 
@@ -34,8 +34,8 @@ usage:
   echocenter backup FILE                     a consistent copy of the database, safe while serving
   echocenter help [COMMAND]                  this text, or one command's (also COMMAND --help)
 
-Subcommands work on the database file (--db, default ./echocenter.db) and refuse one that
-does not exist unless given --create. Exit status: 0 done, 1 error, 2 usage, 3 database
+Subcommands work on the database (--db: a file, default ./echocenter.db, or a postgres://
+URL) and refuse a file that does not exist unless given --create. Exit status: 0 done, 1 error, 2 usage, 3 database
 unreachable, 5 name or token taken, 6 no such agent or user.
 
 Run `echocenter serve --help` for the server's flags and their defaults.
@@ -45,7 +45,7 @@ const SERVE_HELP: &str = "\
 echocenter serve [flags]: run the server (each flag is also an ECHOCENTER_* variable)
 
   --addr HOST:PORT              listen address                      0.0.0.0:8080
-  --db PATH                     SQLite database file                ./echocenter.db
+  --db PATH|URL                 SQLite file or postgres:// URL      ./echocenter.db
   --env development|production  production: no dev endpoints, no raw tokens   development
   --jwt-secret S                HS256 secret, at least 32 bytes     generated, kept in the database
   --jwt-ttl D                   JWT lifetime (Go syntax: 90s, 24h)  24h
@@ -116,6 +116,8 @@ echocenter backup FILE [--db PATH]
 Writes a consistent copy of the database to FILE (mode 0600) with SQLite's online backup,
 safe while the server runs and writes. FILE must not exist. To restore: stop the server,
 put FILE in place of the database (remove any old -wal and -shm files beside it), start it.
+On PostgreSQL this refuses (exit 1): use pg_dump, e.g.
+pg_dump --format=custom --file=echocenter.dump 'postgres://...' (restore with pg_restore).
 ";
 
 #[derive(Debug)]
@@ -292,11 +294,15 @@ fn one_name(rest: &[String]) -> Result<&str, CliError> {
 /// Opens the database a subcommand works on: it must exist, unless `--create`.
 fn open(config: &Config, opts: &Options) -> Result<Store, CliError> {
     crate::logging::set_level(config.log);
-    if !opts.create && !config.db.exists() {
-        return Err(CliError::Unreachable(format!(
-            "no database at {}: point --db (or ECHOCENTER_DB) at the server's database, or add --create to make a new one",
-            config.db.display()
-        )));
+    // A PostgreSQL database is never created here (its administrator does that): one that
+    // does not exist fails to connect, which is as clear as this check.
+    if let Database::Sqlite(path) = &config.db {
+        if !opts.create && !path.exists() {
+            return Err(CliError::Unreachable(format!(
+                "no database at {}: point --db (or ECHOCENTER_DB) at the server's database, or add --create to make a new one",
+                path.display()
+            )));
+        }
     }
     let store = crate::bootstrap::open_store(config).map_err(CliError::Unreachable)?;
     crate::bootstrap::bootstrap(&store, config).map_err(CliError::Failed)?;

@@ -7,6 +7,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod database;
+pub use database::{Database, PostgresDsn};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Environment {
     Development,
@@ -24,7 +27,7 @@ pub enum Sync {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub addr: String,
-    pub db: PathBuf,
+    pub db: Database,
     pub env: Environment,
     pub jwt_secret: Option<Vec<u8>>,
     pub jwt_ttl: Duration,
@@ -195,10 +198,7 @@ impl<'a> Loader<'a> {
             Some(raw) => validate_addr(raw)?,
             None => self.upstream_addr()?,
         };
-        let db = self
-            .pick("--db", &["ECHOCENTER_DB", "DB_PATH"])?
-            .map(|r| PathBuf::from(r.value))
-            .unwrap_or_else(|| PathBuf::from("./echocenter.db"));
+        let db = self.database()?;
         let env = match self.pick("--env", &["ECHOCENTER_ENV"])? {
             Some(raw) => parse_env_strict(&raw)?,
             None => match (self.env)("APP_ENV") {
@@ -429,6 +429,34 @@ impl<'a> Loader<'a> {
         }
     }
 
+    /// `--db` or `ECHOCENTER_DB` (a path or a URL); else the original's variables:
+    /// `DB_DRIVER` (`sqlite`, the default, or `postgres`/`postgresql`), then `DB_PATH` for
+    /// SQLite, `DB_DSN` or the `PG_*` variables for PostgreSQL.
+    fn database(&mut self) -> Result<Database, ConfigError> {
+        if let Some(raw) = self.pick("--db", &["ECHOCENTER_DB"])? {
+            return database::from_db_value(&raw.source, &raw.value);
+        }
+        let env = self.env;
+        let set = |k: &str| env(k).filter(|v| !v.is_empty());
+        let driver = set("DB_DRIVER").map(|d| d.trim().to_ascii_lowercase());
+        match driver.as_deref() {
+            None | Some("sqlite") | Some("sqlite3") => match set("DB_PATH") {
+                Some(path) => database::from_db_value("DB_PATH", &path),
+                None => Ok(Database::Sqlite(PathBuf::from("./echocenter.db"))),
+            },
+            Some("postgres") | Some("postgresql") => match set("DB_DSN") {
+                Some(dsn) => database::parse_dsn("DB_DSN", &dsn).map(Database::Postgres),
+                None => database::from_pg_variables(&set).map(Database::Postgres),
+            },
+            Some(other) => Err(ConfigError {
+                source: "DB_DRIVER".into(),
+                message: format!(
+                    "unsupported DB_DRIVER: expected sqlite or postgres, got {other:?}"
+                ),
+            }),
+        }
+    }
+
     fn upstream_addr(&mut self) -> Result<String, ConfigError> {
         let host = (self.env)("SERVER_HOST").filter(|v| !v.is_empty());
         let port = (self.env)("SERVER_PORT").filter(|v| !v.is_empty());
@@ -629,7 +657,7 @@ mod tests {
     fn defaults_serve_without_configuration() {
         let c = load(&[], &[]).unwrap();
         assert_eq!(c.addr, "0.0.0.0:8080");
-        assert_eq!(c.db, PathBuf::from("./echocenter.db"));
+        assert_eq!(c.db, Database::Sqlite(PathBuf::from("./echocenter.db")));
         assert_eq!(c.env, Environment::Development);
         assert_eq!(c.jwt_ttl, Duration::from_secs(86_400));
         assert_eq!(c.max_message_bytes, 65_536);
@@ -643,12 +671,10 @@ mod tests {
             ("DB_PATH", "/b.db"),
             ("APP_ENV", "prod"),
         ];
-        assert_eq!(
-            load(&["--db", "/c.db"], &vars).unwrap().db,
-            PathBuf::from("/c.db")
-        );
-        assert_eq!(load(&[], &vars).unwrap().db, PathBuf::from("/a.db"));
-        assert_eq!(load(&[], &vars[1..]).unwrap().db, PathBuf::from("/b.db"));
+        let file = |p: &str| Database::Sqlite(PathBuf::from(p));
+        assert_eq!(load(&["--db", "/c.db"], &vars).unwrap().db, file("/c.db"));
+        assert_eq!(load(&[], &vars).unwrap().db, file("/a.db"));
+        assert_eq!(load(&[], &vars[1..]).unwrap().db, file("/b.db"));
         assert_eq!(load(&[], &vars).unwrap().env, Environment::Production);
         assert_eq!(
             load(&[], &[("APP_ENV", "staging")]).unwrap().env,
@@ -736,6 +762,100 @@ mod tests {
             let e = load(&["--retain-logs", bad], &[]).unwrap_err();
             assert_eq!(e.source, "--retain-logs", "{bad}");
         }
+    }
+
+    fn postgres_of(c: &Config) -> &PostgresDsn {
+        match &c.db {
+            Database::Postgres(d) => d,
+            other => panic!("not PostgreSQL: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_database_is_a_file_or_a_postgres_url() {
+        let url = "postgres://app:pw@db:5432/echo";
+        let c = load(&["--db", url], &[]).unwrap();
+        assert_eq!(postgres_of(&c).expose(), url);
+        let c = load(&[], &[("ECHOCENTER_DB", "postgresql://db/echo")]).unwrap();
+        assert_eq!(postgres_of(&c).redacted(), "postgresql://db/echo");
+        // A URL of a kind we do not serve is refused, not taken for a file name.
+        for (flags, vars, source) in [
+            (vec!["--db", "mysql://u:p@h/db"], vec![], "--db"),
+            (
+                vec![],
+                vec![("ECHOCENTER_DB", "sqlite://x.db")],
+                "ECHOCENTER_DB",
+            ),
+            (vec![], vec![("DB_PATH", "mysql://h/db")], "DB_PATH"),
+        ] {
+            let e = load(&flags, &vars).unwrap_err();
+            assert_eq!(e.source, source);
+            assert!(e.message.contains("unsupported"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn the_originals_db_driver_and_pg_variables_select_postgres() {
+        let c = load(
+            &[],
+            &[
+                ("DB_DRIVER", "postgres"),
+                ("DB_DSN", "postgres://u:pw@h/d"),
+                ("DB_PATH", "/x.db"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(postgres_of(&c).expose(), "postgres://u:pw@h/d");
+        let c = load(
+            &[],
+            &[
+                ("DB_DRIVER", "PostgreSQL"),
+                ("PG_HOST", "10.1.2.3"),
+                ("PG_PORT", "5433"),
+                ("PG_USER", "demo"),
+                ("PG_PASSWORD", "hunter2"),
+                ("PG_DATABASE", "echocenter_dev"),
+                ("PG_SSLMODE", "disable"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            postgres_of(&c).expose(),
+            "postgres://demo:hunter2@10.1.2.3:5433/echocenter_dev"
+        );
+        assert!(
+            !format!("{c:?}").contains("hunter2"),
+            "Debug shows the password"
+        );
+        // Our own names win, and DB_DRIVER=sqlite (the original's default) keeps DB_PATH.
+        let c = load(
+            &["--db", "/mine.db"],
+            &[("DB_DRIVER", "mysql"), ("DB_DSN", "garbage")],
+        )
+        .unwrap();
+        assert_eq!(c.db, Database::Sqlite(PathBuf::from("/mine.db")));
+        let c = load(&[], &[("DB_DRIVER", "sqlite"), ("DB_PATH", "/b.db")]).unwrap();
+        assert_eq!(c.db, Database::Sqlite(PathBuf::from("/b.db")));
+        let e = load(&[], &[("DB_DRIVER", "mysql")]).unwrap_err();
+        assert_eq!(e.source, "DB_DRIVER");
+        let e = load(&[], &[("DB_DRIVER", "postgres"), ("PG_PORT", "x")]).unwrap_err();
+        assert_eq!(e.source, "PG_PORT");
+        let e = load(
+            &[],
+            &[("DB_DRIVER", "postgres"), ("PG_SSLMODE", "verify-full")],
+        )
+        .unwrap_err();
+        assert_eq!(e.source, "PG_SSLMODE");
+        assert!(e.message.contains("TLS"), "{}", e.message);
+        let e = load(
+            &[],
+            &[
+                ("DB_DRIVER", "postgres"),
+                ("DB_DSN", "host=h sslmode=require"),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(e.source, "DB_DSN");
     }
 
     #[test]

@@ -127,3 +127,27 @@ fn only_the_bridge_names_tiny_http() {
     }
     assert_eq!(naming, vec!["bridge.rs"]);
 }
+
+#[test]
+fn only_the_store_names_a_database_library() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let store = src.join("store");
+    let mut stack = vec![src];
+    let mut naming = Vec::new();
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                if path != store {
+                    stack.push(path);
+                }
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                if text.contains("rusqlite") || text.contains("postgres::") {
+                    naming.push(path.display().to_string());
+                }
+            }
+        }
+    }
+    assert!(naming.is_empty(), "outside src/store: {naming:?}");
+}

@@ -102,6 +102,14 @@ fn reset_recreates_only_admin_and_butler() {
         json!({"sender_username": "admin", "receiver_username": "bot", "content": "hi"}),
     );
     assert_eq!(r.status, 201);
+    // A conversation thread refers to both its users: it goes too (it used to make the
+    // wipe fail on SQLite's foreign keys).
+    let r = s.post(
+        "/api/chat/threads",
+        &admin,
+        json!({"peer_id": 2, "channel_kind": "butler_direct"}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
     let mut live = s.ws(&bot);
     // The agent keeps reading, as a real client does, so it answers the server's close.
     let closed = std::thread::spawn(move || live.recv_close());

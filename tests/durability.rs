@@ -103,6 +103,9 @@ fn kill_9_under_load_keeps_every_acknowledged_message_exactly_once() {
 
 #[test]
 fn a_locked_database_gives_internal_errors_and_the_server_recovers() {
+    if skip_on_postgres("holds SQLite's write lock from another process") {
+        return;
+    }
     let s = Server::start();
     let admin = s.admin_token();
     let (_, token) = s.register_agent(&admin, "patient");
@@ -192,6 +195,9 @@ impl Drop for Tmpfs {
 
 #[test]
 fn a_full_disk_gives_clear_errors_loses_nothing_acknowledged_and_recovers() {
+    if skip_on_postgres("fills the disk under the SQLite file") {
+        return;
+    }
     let Some(fs) = Tmpfs::mount("4m") else {
         eprintln!(
             "SKIPPED: mounting a tmpfs needs root; run the suite as root to cover a full disk"

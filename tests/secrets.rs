@@ -227,6 +227,9 @@ fn mode(path: &std::path::Path) -> u32 {
 
 #[test]
 fn the_database_and_its_wal_are_mode_0600() {
+    if skip_on_postgres("the modes of the SQLite file and its WAL") {
+        return;
+    }
     let s = Server::start();
     let admin = s.admin_token();
     // Writes, so that the WAL exists.

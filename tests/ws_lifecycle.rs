@@ -257,7 +257,7 @@ fn a_token_rotated_from_the_command_line_closes_its_session_within_a_tick() {
     let mut a = s.ws(&token);
     let out = std::process::Command::new(BIN)
         .args(["agent", "rotate", "cli-rotated", "--db"])
-        .arg(&s.db)
+        .arg(s.db_arg())
         .output()
         .unwrap();
     assert!(

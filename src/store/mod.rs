@@ -1,6 +1,6 @@
 //! The store: the face the hub and REST use over a database backend. Every SQL statement
-//! of the server lives behind it (in `sqlite.rs`, and in `sql/` for the schema); neither the
-//! hub nor `http` names a backend.
+//! of the server lives behind it (in `sqlite.rs` and `postgres.rs`, and in `sql/` and
+//! `sql/postgres/` for the schemas); neither the hub nor `http` names a backend.
 //!
 //! Two ways in:
 //! - `Backend` (reached through `Store`'s `Deref`): reads and the rare administrative writes,
@@ -15,15 +15,25 @@
 //!   seen is in the database.
 //! - **Order.** Rows submitted from one thread are committed in submission order (one
 //!   writer, one queue), and a row's `id` is larger than the ids of every row committed
-//!   before it.
+//!   before it. On PostgreSQL that holds per writer, i.e. per node: several nodes sharing one
+//!   database draw ids from one sequence, so a row committed later on another node may have
+//!   a smaller id. Per-sender order still holds (a sender's frames go through its node's one
+//!   writer), and so does each node's own order.
 //! - **Idempotency.** A chat or log row whose sender already stored that `local_id` stores
-//!   nothing and returns the first row (`Stored::duplicate`).
+//!   nothing and returns the first row (`Stored::duplicate`). Decided in the database (a
+//!   unique index on (sender_id, local_id)), so it holds across processes and nodes too.
 //! - **All or nothing per batch.** When a commit fails, every caller of that batch is told
 //!   (`StoreError::BatchFailed`); nothing of it is stored, and each may retry with its
 //!   `local_id`.
 //! - **At least once.** Delivery flags and last-seen times are written asynchronously: a
 //!   crash before their commit means a frame is replayed again, never that one is lost.
+//! - **Ids without gaps, mostly.** On SQLite ids are consecutive. On PostgreSQL a sequence
+//!   hands them out and does not take back what a failed batch or a lost race drew, so ids
+//!   may skip; refused duplicates (a name taken, a repeated `local_id`) are checked before
+//!   they would draw one.
 
+mod pool;
+mod postgres;
 mod sqlite;
 mod writer;
 
@@ -33,7 +43,7 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
-use crate::config::Sync;
+use crate::config::{Database, PostgresDsn, Sync};
 use crate::identity::{AgentToken, Role};
 use crate::wire::Kind;
 
@@ -57,6 +67,9 @@ pub enum StoreError {
     BatchFailed,
     /// The writer thread is gone (it would only end by panicking).
     Closed,
+    /// This backend does not do that (e.g. a file backup of a PostgreSQL database); the text
+    /// says what to do instead.
+    Unsupported(String),
 }
 
 impl std::fmt::Display for StoreError {
@@ -73,6 +86,7 @@ impl std::fmt::Display for StoreError {
             ),
             StoreError::BatchFailed => write!(f, "the commit failed; nothing of it was stored"),
             StoreError::Closed => write!(f, "store is shut down"),
+            StoreError::Unsupported(what) => write!(f, "{what}"),
         }
     }
 }
@@ -323,6 +337,9 @@ pub trait Backend: Send + std::marker::Sync {
     // ----- settings and bootstrap -------------------------------------------------------
     fn setting(&self, key: &str) -> Result<Option<String>>;
     fn set_setting(&self, key: &str, value: &str) -> Result<()>;
+    /// The value of `key`, set to `value` first if it had none: processes starting together
+    /// on one database agree on the one that was stored first (the JWT secret).
+    fn setting_or_init(&self, key: &str, value: &str) -> Result<String>;
     fn user_count(&self) -> Result<i64>;
     /// Creates the admin (id 1) and the Butler (id 2) on an empty database, in one
     /// transaction. Returns false (and changes nothing) when users already exist.
@@ -371,7 +388,7 @@ pub trait Backend: Send + std::marker::Sync {
     /// Forgets every `online_since` (a start: nothing is connected yet).
     fn clear_presence(&self) -> Result<()>;
     /// Writes a consistent copy of the whole database to `target` (a new file, mode 0600),
-    /// safe while the server writes.
+    /// safe while the server writes. PostgreSQL: `Unsupported`, pointing to pg_dump.
     fn backup_to(&self, target: &Path) -> Result<()>;
     /// Whether a read answers (the health check).
     fn readable(&self) -> Result<()>;
@@ -450,10 +467,30 @@ impl std::ops::Deref for Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) and migrates the database at `path`, then starts the
-    /// writer.
-    pub fn open(path: &Path, sync: Sync) -> Result<Store> {
-        let (backend, writer) = sqlite::open(path, sync)?;
+    /// Opens and migrates the database (a SQLite file is created if needed; a PostgreSQL
+    /// database must exist), then starts the writer. `sync` is SQLite's; on PostgreSQL the
+    /// server's `synchronous_commit` decides.
+    pub fn open(db: &Database, sync: Sync) -> Result<Store> {
+        match db {
+            Database::Sqlite(path) => {
+                let (backend, writer) = sqlite::open(path, sync)?;
+                Store::start(Arc::new(backend), writer)
+            }
+            Database::Postgres(dsn) => {
+                let (backend, writer) = postgres::open(dsn)?;
+                Store::start(Arc::new(backend), writer)
+            }
+        }
+    }
+
+    /// Another PostgreSQL client on the database `dsn` names, with the settings the store's
+    /// own clients use (for a dedicated connection, such as a LISTEN for the cross-node bus).
+    #[allow(dead_code)] // the cross-node bus (issue 14) is its first user
+    pub fn connect_postgres(dsn: &PostgresDsn) -> Result<::postgres::Client> {
+        postgres::connect(dsn)
+    }
+
+    fn start(backend: Arc<dyn Backend>, writer: impl writer::Batches) -> Result<Store> {
         let (jobs, rx) = crossbeam_channel::unbounded();
         let stats = Arc::new(WriterStats::default());
         let writer_stats = stats.clone();
@@ -462,7 +499,7 @@ impl Store {
             .spawn(move || writer::run(writer, rx, &writer_stats))
             .map_err(StoreError::File)?;
         Ok(Store {
-            backend: Arc::new(backend),
+            backend,
             jobs,
             stats,
         })

@@ -9,13 +9,13 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde_json::value::RawValue;
 
-use super::writer::{Batches, Job, Outcome};
+use super::pool::{Lease, Pool};
+use super::writer::{failed, Batches, Job, Outcome};
 use super::{
     Approval, Backend, ChatRow, Delivery, HumanChange, LogQuery, LogRow, NewChat, NewLog,
     NewMachine, ReplayShares, Result, Retired, StoreError, Stored, ThreadChange, ThreadRow,
@@ -83,76 +83,16 @@ pub fn open(path: &Path, sync: Sync) -> Result<(Sqlite, SqliteWriter)> {
 
 pub struct Sqlite {
     path: PathBuf,
-    general: Pool,
-    auth: Pool,
-}
-
-/// Connections lent out one caller at a time; a caller waits when all are out.
-struct Pool {
-    free: Mutex<Vec<Connection>>,
-    returned: Condvar,
-}
-
-/// A connection borrowed from a pool; it goes back when dropped.
-struct Lease<'a> {
-    pool: &'a Pool,
-    conn: Option<Connection>,
-}
-
-impl Pool {
-    fn new(conns: Vec<Connection>) -> Pool {
-        Pool {
-            free: Mutex::new(conns),
-            returned: Condvar::new(),
-        }
-    }
-
-    fn get(&self) -> Lease<'_> {
-        // A panic while holding the lock leaves the list itself intact.
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(conn) = free.pop() {
-                return Lease {
-                    pool: self,
-                    conn: Some(conn),
-                };
-            }
-            free = self.returned.wait(free).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-}
-
-impl std::ops::Deref for Lease<'_> {
-    type Target = Connection;
-    fn deref(&self) -> &Connection {
-        // Present from `get` until `drop`.
-        self.conn.as_ref().expect("a lease holds its connection")
-    }
-}
-
-impl std::ops::DerefMut for Lease<'_> {
-    fn deref_mut(&mut self) -> &mut Connection {
-        self.conn.as_mut().expect("a lease holds its connection")
-    }
-}
-
-impl Drop for Lease<'_> {
-    fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            let mut free: MutexGuard<'_, Vec<Connection>> =
-                self.pool.free.lock().unwrap_or_else(|p| p.into_inner());
-            free.push(conn);
-            self.pool.returned.notify_one();
-        }
-    }
+    general: Pool<Connection>,
+    auth: Pool<Connection>,
 }
 
 impl Sqlite {
-    fn conn(&self) -> Lease<'_> {
+    fn conn(&self) -> Lease<'_, Connection> {
         self.general.get()
     }
 
-    fn auth_conn(&self) -> Lease<'_> {
+    fn auth_conn(&self) -> Lease<'_, Connection> {
         self.auth.get()
     }
 }
@@ -180,6 +120,19 @@ impl Backend for Sqlite {
             params![key, value],
         )?;
         Ok(())
+    }
+
+    fn setting_or_init(&self, key: &str, value: &str) -> Result<String> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+            params![key, value],
+        )?;
+        Ok(
+            conn.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })?,
+        )
     }
 
     fn user_count(&self) -> Result<i64> {
@@ -239,6 +192,7 @@ impl Backend for Sqlite {
             "DELETE FROM chat_messages;
              DELETE FROM conversation_threads;
              DELETE FROM messages;
+             DELETE FROM conversation_threads;
              DELETE FROM human_credentials;
              DELETE FROM machine_credentials;
              DELETE FROM users;
@@ -1263,16 +1217,6 @@ fn trim_log_budgets(tx: &rusqlite::Transaction, r: &super::Retention) -> Result<
 /// back only that statement); an error that rolls back the transaction, or a failing commit,
 /// fails the batch, and every caller is told so.
 fn write_batch(conn: &mut Connection, batch: &[Job]) -> (Vec<Outcome>, bool) {
-    let failed = |batch: &[Job]| {
-        batch
-            .iter()
-            .map(|job| match job {
-                Job::Chat(..) | Job::Log(..) => Outcome::Stored(Err(StoreError::BatchFailed)),
-                Job::PlanReplay(..) => Outcome::Plan(Err(StoreError::BatchFailed)),
-                _ => Outcome::Nothing,
-            })
-            .collect()
-    };
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {

@@ -82,6 +82,18 @@ pub enum Outcome {
     Nothing,
 }
 
+/// The outcomes of a batch that did not commit: every row and plan is told so.
+pub fn failed(batch: &[Job]) -> Vec<Outcome> {
+    batch
+        .iter()
+        .map(|job| match job {
+            Job::Chat(..) | Job::Log(..) => Outcome::Stored(Err(StoreError::BatchFailed)),
+            Job::PlanReplay(..) => Outcome::Plan(Err(StoreError::BatchFailed)),
+            _ => Outcome::Nothing,
+        })
+        .collect()
+}
+
 /// A backend's side of the writer.
 pub trait Batches: Send + 'static {
     /// Runs one batch in one transaction: the outcome of every job, in order, and whether

@@ -1,6 +1,14 @@
-//! Test harness: starts the real `echocenter` binary on a free port with a temporary SQLite
-//! file, and talks to it with real HTTP (a small client over `TcpStream`) and real WebSocket
-//! (tungstenite) clients. Every wait is a wait-for-condition with a deadline, never a sleep.
+//! Test harness: starts the real `echocenter` binary on a free port with a temporary
+//! database, and talks to it with real HTTP (a small client over `TcpStream`) and real
+//! WebSocket (tungstenite) clients. Every wait is a wait-for-condition with a deadline, never
+//! a sleep.
+//!
+//! The database is a SQLite file, or with `ECHOCENTER_TEST_DB=postgres` a PostgreSQL database
+//! of its own in the cluster the libpq variables name (`PGHOST`, `PGPORT`, `PGUSER`,
+//! `PGPASSWORD`, `PGDATABASE`, as `pg_virtualenv` sets them): tests name a database by a file
+//! path either way, and `db_arg` turns the path into what `--db` takes — the path itself, or
+//! the URL of a database made for that path on first use (so a restart on the same path finds
+//! the same data) and dropped with the test's `TempDir`.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -22,7 +30,161 @@ pub fn server_bin() -> String {
 }
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// A temporary directory removed on drop.
+// ----- the backend under test -------------------------------------------------------------
+
+/// Whether this run's servers use PostgreSQL (`ECHOCENTER_TEST_DB=postgres`).
+pub fn on_postgres() -> bool {
+    std::env::var("ECHOCENTER_TEST_DB").is_ok_and(|v| v == "postgres")
+}
+
+/// For a test about the SQLite file itself: true (after a line saying why) when this run is
+/// on PostgreSQL, and the test should return.
+pub fn skip_on_postgres(why: &str) -> bool {
+    if on_postgres() {
+        eprintln!("skipped on PostgreSQL: {why}");
+    }
+    on_postgres()
+}
+
+/// What `--db` takes for the database at `path`: the path, or on PostgreSQL the URL of the
+/// database made for it (made now, on first use).
+pub fn db_arg(path: &Path) -> String {
+    if !on_postgres() {
+        return path.to_str().unwrap().to_string();
+    }
+    let mut made = PG_DATABASES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, name)) = made.iter().find(|(p, _)| p == path) {
+        return pg_url(name);
+    }
+    let name = format!(
+        "ect_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    pg_admin(&format!("CREATE DATABASE {name}"));
+    made.push((path.to_path_buf(), name.clone()));
+    pg_url(&name)
+}
+
+/// One number from the database at `path` (a file, or the PostgreSQL database made for it),
+/// read directly, as an operator's query would.
+pub fn query_i64(path: &Path, sql: &str) -> i64 {
+    if on_postgres() {
+        let mut client = postgres::Client::connect(&db_arg(path), postgres::NoTls).unwrap();
+        client.query_one(sql, &[]).unwrap().get(0)
+    } else {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap()
+    }
+}
+
+/// The databases made for paths, dropped with the directory that holds the path.
+static PG_DATABASES: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+
+fn pg_env(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// The cluster's maintenance database (where databases are made and dropped), from the
+/// libpq variables.
+fn pg_admin(sql: &str) {
+    let mut config = postgres::Config::new();
+    let host = pg_env("PGHOST", "localhost");
+    if host.starts_with('/') {
+        config.host_path(&host);
+    } else {
+        config.host(&host);
+    }
+    config
+        .port(pg_env("PGPORT", "5432").parse().expect("PGPORT is a port"))
+        .user(&pg_env("PGUSER", "postgres"))
+        .password(pg_env("PGPASSWORD", ""))
+        .dbname(&pg_env("PGDATABASE", "postgres"));
+    let mut client = config
+        .connect(postgres::NoTls)
+        .unwrap_or_else(|e| panic!("cannot reach the PostgreSQL cluster of PGHOST/PGPORT: {e}"));
+    client
+        .batch_execute(sql)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// Cuts every connection to the PostgreSQL database made for `path` (as an administrator's
+/// pg_terminate_backend, or a database restart, would); returns how many there were.
+pub fn pg_cut_connections(path: &Path) -> i64 {
+    let url = db_arg(path);
+    let name = url
+        .rsplit('/')
+        .next()
+        .and_then(|tail| tail.split('?').next())
+        .unwrap()
+        .to_string();
+    let mut client = postgres::Client::connect(&pg_url("postgres"), postgres::NoTls)
+        .or_else(|_| {
+            postgres::Client::connect(&pg_url(&pg_env("PGDATABASE", "postgres")), postgres::NoTls)
+        })
+        .unwrap();
+    client
+        .query_one(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1",
+            &[&name],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// The URL of database `name` in the libpq variables' cluster.
+pub fn pg_url(name: &str) -> String {
+    let enc = |s: &str| {
+        s.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect::<String>()
+    };
+    let host = pg_env("PGHOST", "localhost");
+    let port = pg_env("PGPORT", "5432");
+    let auth = format!(
+        "{}:{}",
+        enc(&pg_env("PGUSER", "postgres")),
+        enc(&pg_env("PGPASSWORD", ""))
+    );
+    if host.starts_with('/') {
+        format!(
+            "postgres://{auth}@/{name}?host={}&port={port}&sslmode=disable",
+            enc(&host)
+        )
+    } else {
+        format!("postgres://{auth}@{host}:{port}/{name}?sslmode=disable")
+    }
+}
+
+/// Drops the databases made for paths under `dir`.
+fn drop_databases_under(dir: &Path) {
+    if !on_postgres() || dir.as_os_str().is_empty() {
+        return;
+    }
+    let gone: Vec<String> = {
+        let mut made = PG_DATABASES.lock().unwrap_or_else(|p| p.into_inner());
+        let (under, rest): (Vec<_>, Vec<_>) = made.drain(..).partition(|(p, _)| p.starts_with(dir));
+        *made = rest;
+        under.into_iter().map(|(_, name)| name).collect()
+    };
+    for name in gone {
+        // FORCE: a server killed a moment ago may still hold a connection.
+        pg_admin(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+    }
+}
+
+/// A temporary directory removed on drop (with the PostgreSQL databases made for its paths).
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
@@ -46,6 +208,7 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        drop_databases_under(&self.0);
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -139,7 +302,7 @@ impl Server {
             .arg("--addr")
             .arg(addr)
             .arg("--db")
-            .arg(&db)
+            .arg(db_arg(&db))
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -192,6 +355,11 @@ impl Server {
 
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// What `--db` takes for this server's database (a path, or a PostgreSQL URL).
+    pub fn db_arg(&self) -> String {
+        db_arg(&self.db)
     }
 
     pub fn pid(&self) -> u32 {
