@@ -393,6 +393,7 @@ fn agent_status_lists_agents_only_with_presence() {
     assert_eq!(
         keys,
         vec![
+            "activity",
             "id",
             "last_report",
             "last_seen_at",

@@ -575,14 +575,11 @@ fn a_start_that_cannot_listen_bootstraps_nothing_and_prints_no_password() {
 #[test]
 fn a_database_from_a_newer_build_is_refused_with_a_way_out() {
     let (_dir, db) = Server::start().stop_keeping_data();
-    rusqlite::Connection::open(&db)
-        .unwrap()
-        .execute(
-            "INSERT INTO migrations (name, applied_at) VALUES ('999_from_the_future', '2030-01-01T00:00:00.000Z')",
-            [],
-        )
-        .unwrap();
-    let db = db.to_str().unwrap().to_string();
+    execute_sql(
+        &db,
+        "INSERT INTO migrations (name, applied_at) VALUES ('999_from_the_future', '2030-01-01T00:00:00.000Z')",
+    );
+    let db = db_arg(&db);
     // By hand, not `Server::start*`: the start must fail.
     let serve = Command::new(BIN)
         .args(["serve", "--addr", "127.0.0.1:0", "--db", &db])

@@ -15,6 +15,9 @@ fn payloads(rows: &Value) -> Vec<String> {
 
 #[test]
 fn chat_rows_that_name_no_thread_of_their_pair_are_filed_into_its_default_thread_on_upgrade() {
+    if skip_on_postgres("an upgrade of SQLite databases made before threads (PostgreSQL databases were never without them)") {
+        return;
+    }
     let s = Server::start();
     let admin = s.admin_token();
     let (bot_id, _) = s.register_agent(&admin, "bot");

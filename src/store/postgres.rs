@@ -1128,6 +1128,13 @@ fn apply_migrations(client: &mut Client) -> Result<()> {
     client.batch_execute(
         "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)",
     )?;
+    // A migration this build does not know: a newer build upgraded the database.
+    for row in client.query("SELECT name FROM migrations ORDER BY name", &[])? {
+        let applied: String = row.try_get(0)?;
+        if !MIGRATIONS.iter().any(|(name, _)| *name == applied) {
+            return Err(StoreError::NewerSchema(applied));
+        }
+    }
     for (name, sql) in MIGRATIONS {
         let mut tx = client.transaction()?;
         let done = tx

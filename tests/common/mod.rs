@@ -80,6 +80,20 @@ pub fn query_i64(path: &Path, sql: &str) -> i64 {
     }
 }
 
+/// Runs `sql` on the database at `path` (a file, or the PostgreSQL database made for it),
+/// directly, as an operator would.
+pub fn execute_sql(path: &Path, sql: &str) {
+    if on_postgres() {
+        let mut client = postgres::Client::connect(&db_arg(path), postgres::NoTls).unwrap();
+        client.batch_execute(sql).unwrap();
+    } else {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .execute_batch(sql)
+            .unwrap();
+    }
+}
+
 /// The databases made for paths, dropped with the directory that holds the path.
 static PG_DATABASES: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
 
