@@ -15,6 +15,7 @@ use crate::auth;
 use crate::config::{Config, Database, Environment, Loader};
 use crate::identity::Role;
 use crate::store::{HumanChange, NewMachine, Store, StoreError, UserRow};
+use crate::wire::Close;
 
 const USAGE: &str = "\
 echocenter: a self-hosted hub for machine agents
@@ -69,6 +70,7 @@ echocenter serve [flags]: run the server (each flag is also an ECHOCENTER_* vari
   --max-log-bytes-per-agent N   newest log content kept per agent (0: no limit)  67108864
   --max-log-bytes-per-second N  log content per sender (bursts of 4 s)           262144
   --approval-ttl D              a Butler request nobody answers expires after    24h
+  --node-timeout D              several nodes: a silent node counts as dead after 30s
 ";
 
 const AGENT_HELP: &str = "\
@@ -424,11 +426,24 @@ fn human_named(store: &Store, name: &str) -> Result<UserRow, CliError> {
     }
 }
 
+/// Ends a user's sessions on the running servers: at once on PostgreSQL nodes (they hear
+/// it on the bus); a SQLite server's liveness re-check (every ping interval) finds it.
+fn end_sessions(store: &Store, user: i64, close: Close) {
+    let control = crate::store::ClusterControl::Close {
+        user,
+        reason: close.reason().to_string(),
+    };
+    if let Err(e) = store.announce(&control) {
+        eprintln!("echocenter: the running servers will notice within a liveness tick ({e})");
+    }
+}
+
 fn agent_rotate(config: &Config, opts: &Options, name: &str) -> Result<(), CliError> {
     let store = open(config, opts)?;
     let user = machine_named(&store, name)?;
     let token = auth::generate_token();
     store.rotate_token(user.id, &token, keep_raw(config, &store))?;
+    end_sessions(&store, user.id, Close::TokenRevoked);
     println!("{}", token.expose());
     Ok(())
 }
@@ -442,6 +457,7 @@ fn agent_remove(config: &Config, opts: &Options, name: &str) -> Result<(), CliEr
         ));
     }
     store.delete_agent(user.id)?;
+    end_sessions(&store, user.id, Close::AgentRemoved);
     eprintln!("removed agent {name} (id {}); its history is kept", user.id);
     Ok(())
 }
@@ -528,7 +544,8 @@ fn user_passwd(config: &Config, opts: &Options, name: &str) -> Result<(), CliErr
         ..HumanChange::default()
     };
     store.update_human(user.id, &change)?;
-    eprintln!("password of {name} changed; its sessions end within one liveness tick");
+    end_sessions(&store, user.id, Close::SessionRevoked);
+    eprintln!("password of {name} changed; its sessions end");
     Ok(())
 }
 
@@ -546,7 +563,8 @@ fn user_disable(
     };
     store.update_human(user.id, &change)?;
     if disabled {
-        eprintln!("disabled {name}; its sessions end within one liveness tick");
+        end_sessions(&store, user.id, Close::UserDisabled);
+        eprintln!("disabled {name}; its sessions end");
     } else {
         eprintln!("enabled {name}");
     }
@@ -557,6 +575,7 @@ fn user_remove(config: &Config, opts: &Options, name: &str) -> Result<(), CliErr
     let store = open(config, opts)?;
     let user = human_named(&store, name)?;
     store.delete_human(user.id)?;
+    end_sessions(&store, user.id, Close::UserRemoved);
     eprintln!("removed {name} (id {}); its history is kept", user.id);
     Ok(())
 }

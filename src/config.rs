@@ -62,6 +62,9 @@ pub struct Config {
     pub max_log_bytes_per_second: usize,
     /// Butler approvals still PENDING this long become EXPIRED.
     pub approval_ttl: Duration,
+    /// Several nodes on one PostgreSQL: a node silent this long is taken for dead (its
+    /// connections stop counting; its users go offline).
+    pub node_timeout: Duration,
     /// How long dashboard logs and chat history are kept (None: for ever).
     pub retain_logs: Option<Duration>,
     pub retain_chat: Option<Duration>,
@@ -341,6 +344,17 @@ impl<'a> Loader<'a> {
             "ECHOCENTER_APPROVAL_TTL",
             Duration::from_secs(24 * 3600),
         )?;
+        let node_timeout = self.duration(
+            "--node-timeout",
+            "ECHOCENTER_NODE_TIMEOUT",
+            Duration::from_secs(30),
+        )?;
+        if node_timeout < Duration::from_secs(1) {
+            return Err(ConfigError {
+                source: "--node-timeout".into(),
+                message: "expected at least 1s (nodes beat six times per timeout)".into(),
+            });
+        }
         let retain_logs = self.retention("--retain-logs", "ECHOCENTER_RETAIN_LOGS", 30)?;
         let retain_chat = self.retention("--retain-chat", "ECHOCENTER_RETAIN_CHAT", 365)?;
         let max_log_rows_per_agent = self.number(
@@ -383,6 +397,7 @@ impl<'a> Loader<'a> {
             fault_injection,
             max_log_bytes_per_second,
             approval_ttl,
+            node_timeout,
             retain_logs,
             retain_chat,
             max_log_rows_per_agent: (max_log_rows_per_agent > 0)

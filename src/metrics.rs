@@ -47,7 +47,15 @@ pub struct Metrics {
     pub worker_panics: AtomicU64,
     /// Frames store and forward retired unsent (their senders were told).
     pub replay_retired: AtomicU64,
+    /// Cross-node delivery: from a batch's commit on another node to its routing here
+    /// (milliseconds; counts per bucket of `BUS_LATENCY_BUCKETS_MS`, and the sum).
+    pub bus_latency_buckets: [AtomicU64; BUS_LATENCY_BUCKETS_MS.len()],
+    pub bus_latency_count: AtomicU64,
+    pub bus_latency_sum_ms: AtomicU64,
 }
+
+/// Upper bounds of the cross-node latency histogram's buckets.
+pub const BUS_LATENCY_BUCKETS_MS: [u64; 9] = [1, 2, 5, 10, 20, 50, 100, 500, 2000];
 
 fn role_index(role: Role) -> usize {
     match role {
@@ -59,6 +67,15 @@ fn role_index(role: Role) -> usize {
 }
 
 impl Metrics {
+    /// One batch from another node arrived `ms` after it committed there.
+    pub fn bus_latency(&self, ms: u64) {
+        if let Some(i) = BUS_LATENCY_BUCKETS_MS.iter().position(|b| ms <= *b) {
+            self.bus_latency_buckets[i].fetch_add(1, Relaxed);
+        }
+        self.bus_latency_count.fetch_add(1, Relaxed);
+        self.bus_latency_sum_ms.fetch_add(ms, Relaxed);
+    }
+
     pub fn connection_opened(&self, role: Role) {
         self.connections[role_index(role)].fetch_add(1, Relaxed);
     }
@@ -178,6 +195,39 @@ impl Metrics {
                 s,
                 "echocenter_pruned_rows_total{{table=\"{table}\",rule=\"{rule}\"}} {}",
                 v.load(Relaxed)
+            );
+        }
+        if let Some(cluster) = store.cluster() {
+            let bus = cluster.stats();
+            let _ = writeln!(
+                s,
+                "# TYPE echocenter_bus_listener_reconnects_total counter\n\
+                 echocenter_bus_listener_reconnects_total {}\n\
+                 # TYPE echocenter_bus_notifications_total counter\n\
+                 echocenter_bus_notifications_total {}\n\
+                 # TYPE echocenter_bus_notification_queue_usage gauge\n\
+                 echocenter_bus_notification_queue_usage {:.6}",
+                bus.listener_reconnects.load(Relaxed),
+                bus.notifications.load(Relaxed),
+                bus.queue_usage_ppm.load(Relaxed) as f64 / 1e6,
+            );
+            let _ = writeln!(s, "# TYPE echocenter_bus_delivery_seconds histogram");
+            let mut cumulative = 0;
+            for (i, b) in BUS_LATENCY_BUCKETS_MS.iter().enumerate() {
+                cumulative += self.bus_latency_buckets[i].load(Relaxed);
+                let _ = writeln!(
+                    s,
+                    "echocenter_bus_delivery_seconds_bucket{{le=\"{}\"}} {cumulative}",
+                    *b as f64 / 1000.0
+                );
+            }
+            let count = self.bus_latency_count.load(Relaxed);
+            let _ = writeln!(
+                s,
+                "echocenter_bus_delivery_seconds_bucket{{le=\"+Inf\"}} {count}\n\
+                 echocenter_bus_delivery_seconds_sum {:.3}\n\
+                 echocenter_bus_delivery_seconds_count {count}",
+                self.bus_latency_sum_ms.load(Relaxed) as f64 / 1000.0
             );
         }
         s

@@ -56,6 +56,10 @@ pub fn serve(config: Config) -> Result<(), String> {
         bootstrap::jwt_generation(&store)?,
     );
     let local = listener.local_addr().map_err(|e| e.to_string())?;
+    // Several nodes on one PostgreSQL: join them (a SQLite file has only this one).
+    store
+        .join_cluster(&local.to_string(), config.node_timeout)
+        .map_err(|e| format!("cannot join the other nodes: {e}"))?;
     let hub = Hub::new(
         store.clone(),
         Arc::new(Metrics::default()),
@@ -71,6 +75,19 @@ pub fn serve(config: Config) -> Result<(), String> {
         logins: FailureLimiter::for_logins(),
         shutting_down: AtomicBool::new(false),
     });
+    {
+        // A data reset on another node moved the JWT key to a new generation.
+        let weak = Arc::downgrade(&app);
+        app.hub.on_reset(Box::new(move || {
+            if let Some(app) = weak.upgrade() {
+                match bootstrap::jwt_generation(&app.store) {
+                    Ok(g) => app.keys.set_generation(g),
+                    Err(e) => log_error!("cannot reload the JWT generation: {e}"),
+                }
+            }
+        }));
+    }
+    app.hub.start_bus().map_err(|e| e.to_string())?;
     let bridge = Arc::new(Bridge::new(socket_dir.clone()));
     bridge
         .start(&app)
@@ -93,7 +110,14 @@ pub fn serve(config: Config) -> Result<(), String> {
     );
     // Approvals: every request still pending at start-up expires (nobody is waiting for it
     // any more, as in the original); later ones after --approval-ttl, checked every minute.
-    app.hub.expire_approvals(None);
+    // Among several nodes, only once this one is alone: a Butler on another node may be
+    // waiting for an answer. (A node that died without leaving counts until its silence
+    // passes --node-timeout; then what was asked before this start expires.)
+    let started = crate::clock::now_rfc3339();
+    let mut expire_from_before_start = app.hub.peers() > 0;
+    if !expire_from_before_start {
+        app.hub.expire_approvals(None);
+    }
     {
         let app = app.clone();
         std::thread::Builder::new()
@@ -101,8 +125,13 @@ pub fn serve(config: Config) -> Result<(), String> {
             .spawn(move || loop {
                 // A short TTL (tests) is checked as often as a quarter of it.
                 let every = (app.config.approval_ttl / 4)
+                    .min(app.config.node_timeout / 2)
                     .clamp(Duration::from_millis(200), Duration::from_secs(60));
                 std::thread::sleep(every);
+                if expire_from_before_start && app.hub.peers() == 0 {
+                    app.hub.expire_approvals(Some(started.clone()));
+                    expire_from_before_start = false;
+                }
                 let ttl = app.config.approval_ttl.as_millis() as i64;
                 app.hub
                     .expire_approvals(Some(crate::clock::format_ms(crate::clock::now_ms() - ttl)));
@@ -185,6 +214,7 @@ fn shutdown(app: &Arc<App>, bridge: &Bridge, local: SocketAddr) {
     // Every frame that was acknowledged is already committed; this commits the rest
     // (delivery marks, last-seen times).
     app.store.flush();
+    app.hub.leave_cluster();
     bridge.stop();
     log_info!("shutdown complete");
 }

@@ -724,7 +724,9 @@ fn pending_approvals_expire_at_start_up_and_the_butler_is_told_when_it_connects(
     let Approvals {
         s, member, butler, ..
     } = w;
-    let s = s.restart(&[], &[]);
+    // (On PostgreSQL the killed process's node counts as alive until its silence passes
+    // --node-timeout; only then is this node alone and the start-up expiry runs.)
+    let s = s.restart(&["--node-timeout", "1s"], &[]);
     let admin = s.admin_token();
     let w = Approvals {
         b: s.ws(&s.butler_token(&admin)),

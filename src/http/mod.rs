@@ -608,14 +608,16 @@ fn health(ctx: &Ctx) -> Reply {
         "stalled"
     };
     let ok = database == "ok" && writer == "ok";
-    Reply::json(
-        if ok { 200 } else { 503 },
-        &serde_json::json!({
-            "status": if ok { "ok" } else { "unavailable" },
-            "database": database,
-            "writer": writer,
-        }),
-    )
+    let mut body = serde_json::json!({
+        "status": if ok { "ok" } else { "unavailable" },
+        "database": database,
+        "writer": writer,
+    });
+    // Among several nodes: which one answered (its row in `nodes`).
+    if let Some(c) = ctx.app.store.cluster() {
+        body["node"] = serde_json::json!(c.node());
+    }
+    Reply::json(if ok { 200 } else { 503 }, &body)
 }
 
 fn me(ctx: &Ctx) -> Result<Reply> {
@@ -1286,7 +1288,7 @@ fn dev_token(ctx: &Ctx, username: &str) -> Result<Reply> {
 
 fn dev_reset(ctx: &Ctx) -> Result<Reply> {
     dev_gate(ctx)?;
-    ctx.app.hub.close_all(Close::DataReset);
+    ctx.app.hub.close_everywhere(Close::DataReset);
     // Let the closing sessions finish (their last writes and unregistering) before the wipe,
     // so nothing of the old world lands in the new one.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -1347,6 +1349,7 @@ fn dev_chat(ctx: &Ctx) -> Result<Reply> {
         stream_id: None,
         conversation_id,
         forward: !receiver.role.is_human(),
+        mirrored: crate::hub::butler_and_agent(sender.role, receiver.role),
     })?;
     Ok(Reply::json(201, &serde_json::json!({"id": stored.id})))
 }

@@ -13,6 +13,7 @@
 //!   therefore reach each recipient in order.
 //! - Store-and-forward is one `Replay` per new connection of a machine user.
 
+mod cluster;
 mod conn;
 mod envelope;
 mod replay;
@@ -34,7 +35,9 @@ pub use threads::{channel_kind, AnswerRefusal};
 
 use crate::identity::{Principal, Role};
 use crate::metrics::Metrics;
-use crate::store::{self, NewChat, NewLog, Presence, Store, Stored};
+use crate::store::{
+    self, Audience, Cluster, ClusterControl, NewChat, NewLog, Presence, Store, Stored,
+};
 use crate::wire::{self, Close, Code, Frame, Kind};
 use crate::{clock, log_debug, log_error};
 use conn::Shared;
@@ -92,8 +95,8 @@ struct Landing {
 
 /// How a landed frame is routed once its row is committed.
 enum Route {
-    /// A relayed frame; for an AUTH_RESPONSE, the request it answers.
-    Relay(Envelope, Target, Option<store::Approval>),
+    /// A relayed frame and its target.
+    Relay(Envelope, Target),
     Log(NewLog),
 }
 
@@ -114,6 +117,11 @@ pub struct Hub {
     presence: Mutex<()>,
     directory: Mutex<HashMap<i64, (Instant, Target)>>,
     threads: ThreadCache,
+    /// The other nodes on this database, if any (`cluster.rs`).
+    cluster: Option<Arc<dyn Cluster>>,
+    remote: Mutex<cluster::RemotePresence>,
+    /// Run when another node reset the data (the JWT key moved on).
+    reset_hook: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
     next_conn_id: AtomicU64,
     /// Connections of every kind (REST and WebSocket) open right now.
     pub open_sockets: AtomicUsize,
@@ -122,6 +130,9 @@ pub struct Hub {
 impl Hub {
     pub fn new(store: Store, metrics: Arc<Metrics>, log_bytes_per_second: usize) -> Arc<Hub> {
         Arc::new(Hub {
+            cluster: store.cluster().cloned(),
+            remote: Mutex::new(cluster::RemotePresence::default()),
+            reset_hook: Mutex::new(None),
             store,
             metrics,
             log_rates: LogRates::new(log_bytes_per_second as f64),
@@ -144,46 +155,63 @@ impl Hub {
 
     // ----- registry ---------------------------------------------------------------------
 
-    /// Adds a connection. Returns it, its queues, and whether it is the user's first.
+    /// Adds a connection. Returns it, its queues, and whether it is the user's first here.
     pub fn register(
         &self,
         principal: Principal,
     ) -> Result<(Arc<Conn>, ConnQueues, bool), RegisterError> {
         let id = self.next_conn_id.fetch_add(1, Relaxed);
         let (conn, queues) = Conn::new(id, principal, self.metrics.clone());
+        let user = conn.principal.id;
         // Held across the registry change and its PRESENCE frame, so that a last close and
         // a new first open of the same user are announced in the order they happened.
         let _presence = self.presence.lock().unwrap_or_else(|p| p.into_inner());
-        let first = {
+        let here = self.read().by_user.get(&user).map_or(0, Vec::len);
+        if here >= MAX_CONNS_PER_USER {
+            return Err(RegisterError::TooManyForUser);
+        }
+        // Among several nodes, the cap and "first" count every node's connections.
+        let first_anywhere = match &self.cluster {
+            None => here == 0,
+            Some(c) => match c.open(user, MAX_CONNS_PER_USER) {
+                Ok(Some(first)) => first,
+                Ok(None) => return Err(RegisterError::TooManyForUser),
+                Err(e) => {
+                    log_error!("bus: cannot count the connections of user {user}: {e}");
+                    here == 0
+                }
+            },
+        };
+        {
             let mut reg = self.write();
-            let list = reg.by_user.entry(conn.principal.id).or_default();
-            if list.len() >= MAX_CONNS_PER_USER {
-                return Err(RegisterError::TooManyForUser);
-            }
-            list.push(conn.clone());
-            let first = list.len() == 1;
+            reg.by_user.entry(user).or_default().push(conn.clone());
             if conn.principal.role.is_human() {
                 reg.humans.push(conn.clone());
             }
-            first
-        };
+        }
+        self.presence_changed();
         self.metrics.connection_opened(conn.principal.role);
-        if first && !conn.principal.role.is_human() {
+        if first_anywhere && !conn.principal.role.is_human() {
             let now = clock::now_rfc3339();
-            // For the command line (`agent list`): the database's view of who is online.
-            self.store
-                .set_presence(conn.principal.id, Presence::Online(now.clone()));
+            if self.cluster.is_none() {
+                // For the command line (`agent list`): the database's view of who is
+                // online. (Among several nodes `open` wrote it.)
+                self.store.set_presence(user, Presence::Online(now.clone()));
+            }
             self.announce_presence(&conn.principal, true, false, &now);
-            if conn.principal.role == Role::Butler {
-                for notice in self.take_butler_notices() {
-                    conn.deliver(notice.to(None));
-                }
+        }
+        if here == 0 && conn.principal.role == Role::Butler {
+            for notice in self.take_butler_notices() {
+                conn.deliver(notice.to(None));
             }
         }
-        Ok((conn, queues, first))
+        Ok((conn, queues, here == 0))
     }
 
     pub fn unregister(&self, conn: &Arc<Conn>) {
+        if self.cluster.is_some() {
+            return self.unregister_among_nodes(conn);
+        }
         let machine = !conn.principal.role.is_human();
         let only_one_left = || {
             self.read()
@@ -212,10 +240,46 @@ impl Hub {
                 .set_presence(conn.principal.id, Presence::Offline(clock::format_ms(now)));
             self.store.flush();
         }
+        self.remove(conn, last, last && machine, now);
+    }
+
+    /// `unregister` among several nodes: the user is offline when its last connection on
+    /// any node closes (the cluster records the last-seen time in the same transaction).
+    fn unregister_among_nodes(&self, conn: &Arc<Conn>) {
+        let machine = !conn.principal.role.is_human();
+        let user = conn.principal.id;
+        let _presence = self.presence.lock().unwrap_or_else(|p| p.into_inner());
+        let last_here = self
+            .read()
+            .by_user
+            .get(&user)
+            .is_some_and(|list| list.iter().all(|c| c.id == conn.id));
+        let now = clock::now_ms();
+        let last_anywhere = match self
+            .cluster
+            .as_ref()
+            .map(|c| c.close(user, &clock::format_ms(now)))
+        {
+            Some(Ok(last)) => last,
+            Some(Err(e)) => {
+                log_error!("bus: cannot count the connections of user {user}: {e}");
+                last_here
+            }
+            None => last_here,
+        };
+        self.remove(conn, last_here, machine && last_anywhere, now);
+        self.presence_changed();
+    }
+
+    /// Takes a connection out of the registry; announces the user offline when `offline`.
+    fn remove(&self, conn: &Arc<Conn>, last_here: bool, offline: bool, now: i64) {
+        let machine = !conn.principal.role.is_human();
         {
             let mut reg = self.write();
-            if last && machine {
+            if offline {
                 reg.last_seen.insert(conn.principal.id, now);
+            }
+            if last_here && machine {
                 reg.busy.remove(&conn.principal.id);
             }
             if let Some(list) = reg.by_user.get_mut(&conn.principal.id) {
@@ -229,7 +293,7 @@ impl Hub {
             }
         }
         self.metrics.connection_closed(conn.principal.role);
-        if last && machine {
+        if offline {
             self.announce_presence(&conn.principal, false, false, &clock::format_ms(now));
         }
     }
@@ -248,18 +312,32 @@ impl Hub {
 
     /// Whether a user is online, and when it was last seen, from one look at the registry.
     pub fn presence(&self, user_id: i64) -> LivePresence {
-        let reg = self.read();
-        match reg.by_user.get(&user_id) {
-            Some(list) => LivePresence {
+        let here = {
+            let reg = self.read();
+            match reg.by_user.get(&user_id) {
+                Some(list) => LivePresence {
+                    online: true,
+                    busy: reg.busy.contains(&user_id),
+                    last_seen_ms: list.iter().map(|c| c.last_activity_ms()).max(),
+                },
+                None => LivePresence {
+                    online: false,
+                    busy: false,
+                    last_seen_ms: reg.last_seen.get(&user_id).copied(),
+                },
+            }
+        };
+        if here.online {
+            return here;
+        }
+        // Online on another node (its last-seen time is the database's).
+        match self.remote_presence(user_id) {
+            Some(busy) => LivePresence {
                 online: true,
-                busy: reg.busy.contains(&user_id),
-                last_seen_ms: list.iter().map(|c| c.last_activity_ms()).max(),
+                busy,
+                last_seen_ms: None,
             },
-            None => LivePresence {
-                online: false,
-                busy: false,
-                last_seen_ms: reg.last_seen.get(&user_id).copied(),
-            },
+            None => here,
         }
     }
 
@@ -267,23 +345,50 @@ impl Hub {
         self.read().by_user.values().map(Vec::len).sum()
     }
 
-    /// Closes every session of a user (token rotated, agent removed, data reset).
+    /// Closes every session of a user (token rotated, agent removed, data reset), on every
+    /// node.
     pub fn close_user(&self, user_id: i64, close: Close) {
+        self.close_user_here(user_id, close);
+        self.announce(ClusterControl::Close {
+            user: user_id,
+            reason: close.reason().to_string(),
+        });
+    }
+
+    fn close_user_here(&self, user_id: i64, close: Close) {
         for c in self.conns_of(user_id) {
             c.close(close);
         }
     }
 
-    /// Closes every session (shutdown, data reset).
+    /// Closes every session here (shutdown).
     pub fn close_all(&self, close: Close) {
+        self.close_all_here(close);
+    }
+
+    /// Closes every session on every node (a data reset).
+    pub fn close_everywhere(&self, close: Close) {
+        self.close_all_here(close);
+        self.announce(ClusterControl::CloseAll {
+            reason: close.reason().to_string(),
+        });
+    }
+
+    fn close_all_here(&self, close: Close) {
         let all: Vec<Arc<Conn>> = self.read().by_user.values().flatten().cloned().collect();
         for c in all {
             c.close(close);
         }
     }
 
-    /// Forgets cached facts about a user (after it was created, deleted or reset).
+    /// Forgets cached facts about a user (after it was created, deleted or reset), on every
+    /// node.
     pub fn forget_user(&self, user_id: i64) {
+        self.forget_user_here(user_id);
+        self.announce(ClusterControl::Forget { user: user_id });
+    }
+
+    fn forget_user_here(&self, user_id: i64) {
         self.directory
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -291,12 +396,18 @@ impl Hub {
     }
 
     pub fn forget_all_users(&self) {
+        self.forget_all_here();
+        self.announce(ClusterControl::ForgetAll);
+    }
+
+    fn forget_all_here(&self) {
         self.directory
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         self.write().last_seen.clear();
         self.threads.forget_all();
+        self.presence_changed();
     }
 
     /// The live user behind a `target_id`. Hits are cached for `DIRECTORY_TTL`; misses are
@@ -388,12 +499,7 @@ impl Hub {
             Err(e) => return Err(storage_failed(e).about(route.local_id())),
         };
         match route {
-            Route::Relay(env, target, answer) => {
-                if let (Some(approval), false) = (&answer, stored.duplicate) {
-                    self.record_answer(approval, env.payload.as_deref());
-                }
-                self.route_relay(from, &env, target, Some(&stored))
-            }
+            Route::Relay(env, target) => self.route_relay(from, &env, target, Some(&stored)),
             Route::Log(log) => self.route_log(from, &log, &stored),
         }
         Ok(())
@@ -418,7 +524,7 @@ impl Hub {
             Kind::SystemLog => self.system_log(from, env).map(Some),
             Kind::Chat | Kind::ChatStream | Kind::ChatStreamEnd => {
                 let target = self.require_target(env.target_id)?;
-                self.relay(from, env, target, None)
+                self.relay(from, env, target)
             }
             Kind::AuthRequest => {
                 if me.role != Role::Butler {
@@ -431,7 +537,7 @@ impl Hub {
                 if !target.role.is_human() {
                     return Err(refuse(Code::Forbidden, "AUTH_REQUEST must target a human"));
                 }
-                self.relay(from, env, target, None)
+                self.relay(from, env, target)
             }
             Kind::AuthResponse => {
                 if !me.role.is_human() {
@@ -459,7 +565,7 @@ impl Hub {
                 if env.conversation_id.is_none() {
                     env.conversation_id = answer.as_ref().and_then(|a| a.conversation_id);
                 }
-                self.relay(from, env, target, answer)
+                self.relay(from, env, target)
             }
             Kind::AuthStatusUpdate => {
                 if me.role != Role::Butler {
@@ -475,7 +581,7 @@ impl Hub {
                     Ok(None)
                 } else {
                     let target = self.require_target(env.target_id)?;
-                    self.relay(from, env, target, None)
+                    self.relay(from, env, target)
                 }
             }
             Kind::AgentStatus => {
@@ -489,7 +595,7 @@ impl Hub {
                     Ok(None)
                 } else {
                     let target = self.require_target(env.target_id)?;
-                    self.relay(from, env, target, None)
+                    self.relay(from, env, target)
                 }
             }
             // The envelope parser admits no server-only kind.
@@ -505,6 +611,7 @@ impl Hub {
         for c in self.humans() {
             c.deliver(frame.to(None));
         }
+        self.publish(Audience::Humans, &frame);
     }
 
     /// AGENT_STATUS `{"status": "BUSY"|"IDLE"}` (or the bare string): an agent's or the
@@ -546,6 +653,11 @@ impl Hub {
             }
         };
         if changed {
+            if let Some(c) = &self.cluster {
+                if let Err(e) = c.set_busy(me.id, busy) {
+                    log_error!("bus: cannot record that user {} is busy: {e}", me.id);
+                }
+            }
             self.announce_presence(me, true, busy, &clock::now_rfc3339());
         }
         Ok(())
@@ -577,7 +689,6 @@ impl Hub {
         from: &Arc<Conn>,
         mut env: Envelope,
         target: Target,
-        answer: Option<store::Approval>,
     ) -> Result<Option<Landing>, FrameError> {
         self.file(&from.principal, target, &mut env)?;
         if !env.kind.stored() {
@@ -587,7 +698,7 @@ impl Hub {
         let pending = self.submit_chat(&from.principal, &env, target);
         Ok(Some(Landing {
             pending,
-            route: Route::Relay(env, target, answer),
+            route: Route::Relay(env, target),
         }))
     }
 
@@ -611,6 +722,15 @@ impl Hub {
             let mark_id = stored.filter(|_| !target.role.is_human()).map(|s| s.id);
             for c in self.conns_of(target.id) {
                 c.deliver(frame.to(mark_id));
+            }
+            if stored.is_none() {
+                // Other nodes: the same receiver, and a human sender's echo. (A stored row
+                // is announced by the writer.)
+                let mut users = vec![target.id];
+                if me.role.is_human() && me.id != target.id {
+                    users.push(me.id);
+                }
+                self.publish(Audience::Users(users), &frame);
             }
         }
         if me.role.is_human() {
@@ -646,6 +766,7 @@ impl Hub {
             stream_id: env.stream_id.clone(),
             conversation_id: env.conversation_id,
             forward: !target.role.is_human(),
+            mirrored: butler_and_agent(me.role, target.role),
         })
     }
 
@@ -827,9 +948,6 @@ impl Hub {
             .submit_chat(me, &env, butler)
             .wait()
             .map_err(|e| AnswerRefusal::Failed(storage_failed(e)))?;
-        if let Some(approval) = &answer {
-            self.record_answer(approval, Some(payload));
-        }
         let frame = self.frame_from(me, &env, Some(stored.id), &stored.timestamp);
         for c in self.conns_of(butler.id) {
             c.deliver(frame.to(Some(stored.id)));
@@ -864,6 +982,7 @@ impl Hub {
         for c in self.humans() {
             c.deliver(frame.to(None));
         }
+        self.publish(Audience::Humans, &frame);
     }
 }
 
@@ -896,6 +1015,14 @@ impl LogRates {
             false
         }
     }
+}
+
+/// Whether a frame between these two is mirrored to admins (BUTLER_AGENT_MESSAGE).
+pub fn butler_and_agent(a: Role, b: Role) -> bool {
+    matches!(
+        (a, b),
+        (Role::Butler, Role::Agent) | (Role::Agent, Role::Butler)
+    )
 }
 
 /// A machine user's `status` as agent objects and PRESENCE spell it: ONLINE, BUSY (online and

@@ -100,6 +100,7 @@ impl Hub {
                 self.metrics.error(Code::Undelivered);
                 c.deliver(frame.to(None));
             }
+            self.publish(crate::store::Audience::Users(vec![sender]), &frame);
         }
     }
 }
@@ -131,11 +132,22 @@ impl Replay {
         };
         let last_row = rows.last()?.id;
         self.next = last_row + 1;
-        Some(rows.iter().filter_map(|row| self.frame(row)).collect())
+        Some(
+            rows.iter()
+                .filter_map(|row| self.hub.replay_frame(row))
+                .collect(),
+        )
     }
+}
 
-    fn frame(&self, row: &ChatRow) -> Option<Outbound> {
-        let sender = self.hub.store.user_by_id(row.sender_id).ok().flatten()?;
+impl Hub {
+    /// A stored frame as store and forward sends it, flagged delivered once written.
+    pub(super) fn replay_frame(&self, row: &ChatRow) -> Option<Outbound> {
+        let sender = self.store.user_by_id(row.sender_id).ok().flatten()?;
+        // A human wrote in this thread: the agent's answer goes there (threads.rs).
+        if let (true, Some(thread)) = (sender.role.is_human(), row.conversation_id) {
+            self.human_wrote_in(sender.id, row.receiver_id, thread);
+        }
         let kind = Kind::parse(&row.kind)?;
         let frame = Frame {
             id: Some(row.id),

@@ -169,6 +169,12 @@ impl Hub {
         Ok(env.conversation_id)
     }
 
+    /// A human wrote in `thread` with `peer` on another node (or before this node knew):
+    /// the peer's answers here go there.
+    pub(super) fn human_wrote_in(&self, human: i64, peer: i64, thread: i64) {
+        remember(&self.threads.last, (human, peer), thread);
+    }
+
     fn thread_pair(&self, id: i64) -> Result<Option<(i64, i64)>, FrameError> {
         if let Some(pair) = self
             .threads
@@ -243,7 +249,7 @@ impl Hub {
         me: &Principal,
         payload: Option<&RawValue>,
     ) -> Result<Option<Approval>, AnswerRefusal> {
-        let Some((action_id, _)) = answer_of(payload) else {
+        let Some((action_id, approved)) = answer_of(payload) else {
             return Ok(None);
         };
         let Some(approval) = self
@@ -259,18 +265,24 @@ impl Hub {
         if approval.status != "PENDING" {
             return Err(AnswerRefusal::Answered(approval.status));
         }
-        Ok(Some(approval))
-    }
-
-    /// The answer is stored: the request remembers it.
-    pub(super) fn record_answer(&self, approval: &Approval, payload: Option<&RawValue>) {
-        let approved = answer_of(payload).is_some_and(|(_, approved)| approved);
+        // The answer is claimed before it is stored or routed: of two answers at once (two
+        // admins, two nodes), exactly one gets past here. (Should storing it then fail, the
+        // request stays answered though the Butler never heard: its own timeout tells the
+        // human.)
         let status = if approved { "APPROVED" } else { "REJECTED" };
-        if let Err(e) = self.store.set_approval_status(approval.id, status) {
-            log_error!(
-                "hub: cannot record the answer to approval {}: {e}",
-                approval.action_id
-            );
+        match self.store.set_approval_status(approval.id, status) {
+            Ok(true) => Ok(Some(approval)),
+            Ok(false) => {
+                let now = self
+                    .store
+                    .approval(&action_id)
+                    .ok()
+                    .flatten()
+                    .map(|a| a.status)
+                    .unwrap_or_else(|| "answered".into());
+                Err(AnswerRefusal::Answered(now))
+            }
+            Err(e) => Err(AnswerRefusal::Failed(unavailable(e))),
         }
     }
 
@@ -333,8 +345,12 @@ impl Hub {
             for c in self.conns_of(a.human_id) {
                 c.deliver(frame.to(None));
             }
+            self.publish(
+                crate::store::Audience::Users(vec![a.human_id, a.butler_id]),
+                &frame,
+            );
             let butler = self.conns_of(a.butler_id);
-            if butler.is_empty() {
+            if butler.is_empty() && !self.online_anywhere(a.butler_id) {
                 let mut notices = self
                     .threads
                     .butler_notices

@@ -32,6 +32,7 @@
 //!   may skip; refused duplicates (a name taken, a repeated `local_id`) are checked before
 //!   they would draw one.
 
+mod bus;
 mod pool;
 mod postgres;
 mod sqlite;
@@ -47,6 +48,9 @@ use crate::config::{Database, PostgresDsn, Sync};
 use crate::identity::{AgentToken, Role};
 use crate::wire::Kind;
 
+pub use bus::{
+    Audience, BusEvent, BusItem, Cluster, ClusterControl, Offline, RemoteChat, RemoteLog,
+};
 use writer::{answer, Job};
 pub use writer::{Pending, Presence, WriterStats};
 
@@ -309,6 +313,9 @@ pub struct NewChat {
     pub conversation_id: Option<i64>,
     /// Whether store-and-forward must deliver it (the receiver is an agent or the Butler).
     pub forward: bool,
+    /// Between the Butler and an agent (admins see it as BUTLER_AGENT_MESSAGE, on every
+    /// node).
+    pub mirrored: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -333,6 +340,23 @@ pub struct Stored {
 pub trait Backend: Send + std::marker::Sync {
     /// Where the data lives, for log lines (a file path, or a database URL without password).
     fn describe(&self) -> String;
+
+    /// Joins the nodes that share this database (the server does; the command line does
+    /// not), listening on `address`; nodes silent for `timeout` are swept. None where there
+    /// is only ever one node (SQLite).
+    fn join_cluster(
+        &self,
+        _address: &str,
+        _timeout: std::time::Duration,
+    ) -> Result<Option<Arc<dyn Cluster>>> {
+        Ok(None)
+    }
+
+    /// Tells every node on this database, from a process that is not one (the command
+    /// line: a rotation closes the agent's sessions at once). Nothing where there are none.
+    fn announce(&self, _control: &ClusterControl) -> Result<()> {
+        Ok(())
+    }
 
     // ----- settings and bootstrap -------------------------------------------------------
     fn setting(&self, key: &str) -> Result<Option<String>>;
@@ -457,6 +481,8 @@ pub struct Store {
     backend: Arc<dyn Backend>,
     jobs: crossbeam_channel::Sender<Job>,
     stats: Arc<WriterStats>,
+    /// Set once, when the server joins the other nodes (`join_cluster`).
+    cluster: Arc<std::sync::OnceLock<Arc<dyn Cluster>>>,
 }
 
 impl std::ops::Deref for Store {
@@ -502,7 +528,32 @@ impl Store {
             backend,
             jobs,
             stats,
+            cluster: Arc::new(std::sync::OnceLock::new()),
         })
+    }
+
+    /// Joins the other nodes on this database, if the backend has any (see
+    /// `Backend::join_cluster`). Once; later calls change nothing.
+    pub fn join_cluster(&self, address: &str, timeout: std::time::Duration) -> Result<()> {
+        if self.cluster.get().is_none() {
+            if let Some(c) = self.backend.join_cluster(address, timeout)? {
+                let _ = self.cluster.set(c);
+            }
+        }
+        Ok(())
+    }
+
+    /// This node among others, when it has joined some.
+    pub fn cluster(&self) -> Option<&Arc<dyn Cluster>> {
+        self.cluster.get()
+    }
+
+    /// Publishes an unstored frame to the other nodes, in order with this node's writes
+    /// (nothing when there are none).
+    pub fn publish(&self, audience: Audience, json: &str) {
+        if self.cluster.get().is_some() {
+            let _ = self.jobs.send(Job::Publish(audience, json.to_string()));
+        }
     }
 
     pub fn stats(&self) -> &WriterStats {

@@ -24,12 +24,16 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ::postgres::error::SqlState;
 use ::postgres::types::ToSql;
 use ::postgres::{Client, GenericClient, NoTls, Row, Statement, Transaction};
 use serde_json::value::RawValue;
+
+mod bus;
 
 use super::pool::{Lease, Pool};
 use super::writer::{failed, Batches, Job, Outcome, Presence};
@@ -43,10 +47,16 @@ use crate::config::PostgresDsn;
 use crate::identity::{AgentToken, Role};
 
 /// Numbered migrations, applied in order, each in its own transaction, recorded by name.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "001_initial",
-    include_str!("../../sql/postgres/001_initial.sql"),
-)];
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "001_initial",
+        include_str!("../../sql/postgres/001_initial.sql"),
+    ),
+    (
+        "002_cluster",
+        include_str!("../../sql/postgres/002_cluster.sql"),
+    ),
+];
 /// Clients for authentication and routing lookups, and for everything else.
 const AUTH_CONNECTIONS: usize = 2;
 const GENERAL_CONNECTIONS: usize = 4;
@@ -56,6 +66,8 @@ const GENERAL_CONNECTIONS: usize = 4;
 const MIGRATION_LOCK: i64 = 0x4563_686f_0001;
 const BOOTSTRAP_LOCK: i64 = 0x4563_686f_0002;
 const HUMANS_LOCK: i64 = 0x4563_686f_0003;
+/// Retention: one node prunes at a time.
+const PRUNE_LOCK: i64 = 0x4563_686f_0004;
 
 impl From<::postgres::Error> for StoreError {
     fn from(e: ::postgres::Error) -> Self {
@@ -105,11 +117,15 @@ pub fn open(dsn: &PostgresDsn) -> Result<(Postgres, PostgresWriter)> {
     let auth = (0..AUTH_CONNECTIONS)
         .map(|_| Conn::connect(&config))
         .collect::<Result<Vec<_>>>()?;
+    let node = Arc::new(AtomicI64::new(0));
     let writer = PostgresWriter {
         conn: Some(Conn::connect(&config)?),
-        config,
+        config: config.clone(),
+        node: node.clone(),
     };
     let backend = Postgres {
+        config,
+        node,
         shown: dsn.redacted().to_string(),
         search,
         general: Pool::new(general),
@@ -211,6 +227,10 @@ enum Search {
 pub struct Postgres {
     /// The connection string without its password.
     shown: String,
+    /// What every client connects with (the bus opens its own).
+    config: ::postgres::Config,
+    /// This node's id, shared with the writer, which publishes under it.
+    node: Arc<AtomicI64>,
     search: Search,
     general: Pool<Conn>,
     auth: Pool<Conn>,
@@ -237,6 +257,24 @@ fn revive(mut lease: Lease<'_, Conn>) -> Result<Lease<'_, Conn>> {
 }
 
 impl Backend for Postgres {
+    fn join_cluster(
+        &self,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<Option<Arc<dyn super::Cluster>>> {
+        let cluster: Arc<dyn super::Cluster> =
+            bus::join(&self.config, &self.node, address, timeout)?;
+        Ok(Some(cluster))
+    }
+
+    fn announce(&self, control: &super::ClusterControl) -> Result<()> {
+        self.conn()?.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&bus::CHANNEL, &bus::control_payload(0, control)],
+        )?;
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         format!(
             "{}, log search {}",
@@ -522,7 +560,9 @@ impl Backend for Postgres {
 
     fn clear_presence(&self) -> Result<()> {
         self.conn()?.execute(
-            "UPDATE users SET online_since = NULL WHERE online_since IS NOT NULL",
+            // Only users no node holds: this node starts, the others go on.
+            "UPDATE users u SET online_since = NULL WHERE online_since IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM connections c WHERE c.user_id = u.id)",
             &[],
         )?;
         Ok(())
@@ -1194,6 +1234,8 @@ fn search_index(client: &mut Client) -> Search {
 pub struct PostgresWriter {
     config: ::postgres::Config,
     conn: Option<Conn>,
+    /// This node's id once the server joined the cluster (0: publish nothing).
+    node: Arc<AtomicI64>,
 }
 
 /// Most rows, and bytes of content, one prune step deletes (one short transaction).
@@ -1220,6 +1262,7 @@ impl PostgresWriter {
     }
 
     fn attempt(&mut self, batch: &[Job], retried: bool) -> (Vec<Outcome>, bool) {
+        let node = self.node.load(std::sync::atomic::Ordering::Relaxed);
         let conn = match self.live() {
             Ok(conn) => conn,
             Err(e) => {
@@ -1230,9 +1273,9 @@ impl PostgresWriter {
                 return (failed(batch), false);
             }
         };
-        // (The cross-node bus adds its one pg_notify per batch to this transaction: a
-        // NOTIFY is delivered when its transaction commits, and only then.)
-        match write_batch(conn, batch) {
+        // The cross-node bus adds its one pg_notify per batch to this transaction: a NOTIFY
+        // is delivered when its transaction commits, and only then.
+        match write_batch(conn, node, batch) {
             Ok(outcomes) => (outcomes, true),
             // The connection was found gone at BEGIN: nothing of this batch reached the
             // database, so it goes once more on a new connection.
@@ -1261,6 +1304,13 @@ impl Batches for PostgresWriter {
         } = conn;
         let mut tx = client.transaction()?;
         let mut pruned = Pruned::default();
+        // Among several nodes one prunes at a time; the others find nothing to do.
+        let ours: bool = tx
+            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&PRUNE_LOCK])?
+            .try_get(0)?;
+        if !ours {
+            return Ok(pruned);
+        }
         if let Some(keep) = r.logs_for {
             let cutoff = clock::format_ms(now - keep.as_millis() as i64);
             let st = prepared(
@@ -1357,15 +1407,19 @@ fn trim_log_budgets(tx: &mut Transaction, r: &Retention) -> Result<u64> {
 /// constraint aborts a PostgreSQL transaction, unlike SQLite's statement) is written again
 /// row by row, each row in a savepoint of its own, so that the row fails alone as it does on
 /// SQLite; a lost connection or a failing commit fails the whole batch.
-fn write_batch(conn: &mut Conn, batch: &[Job]) -> std::result::Result<Vec<Outcome>, Attempt> {
-    match run_batch(conn, batch, false) {
+fn write_batch(
+    conn: &mut Conn,
+    node: i64,
+    batch: &[Job],
+) -> std::result::Result<Vec<Outcome>, Attempt> {
+    match run_batch(conn, node, batch, false) {
         Ok(outcomes) => Ok(outcomes),
         Err(Attempt::Failed(e)) if !conn.client.is_closed() => {
             crate::log_warn!(
                 "store: a batch of {} writes failed ({e}); writing it again one row at a time",
                 batch.len()
             );
-            run_batch(conn, batch, true)
+            run_batch(conn, node, batch, true)
         }
         Err(e) => Err(e),
     }
@@ -1403,6 +1457,7 @@ struct Rows<'a> {
 
 fn run_batch(
     conn: &mut Conn,
+    node: i64,
     batch: &[Job],
     careful: bool,
 ) -> std::result::Result<Vec<Outcome>, Attempt> {
@@ -1448,11 +1503,13 @@ fn run_batch(
                     crate::log_warn!("store: cannot record presence: {e}");
                 }
             }
-            // Answered after the commit, by the writer loop.
-            Job::Barrier(_) | Job::Retention(_) | Job::Prune(..) => {}
+            // Published below, with the rows; answered after the commit, by the writer loop.
+            Job::Publish(..) | Job::Barrier(_) | Job::Retention(_) | Job::Prune(..) => {}
         }
     }
     write_rows(&mut tx, statements, &mut rows, &mut outcomes, careful)?;
+    // The other nodes hear of this batch when, and only when, it commits.
+    bus::notify_batch(&mut tx, statements, node, batch, &outcomes)?;
     tx.commit()?;
     Ok(outcomes)
 }

@@ -1262,7 +1262,10 @@ fn write_batch(conn: &mut Connection, batch: &[Job]) -> (Vec<Outcome>, bool) {
                 Outcome::Nothing
             }
             // Answered after the commit, by the writer loop.
-            Job::Barrier(_) | Job::Retention(_) | Job::Prune(..) => Outcome::Nothing,
+            // One node: nobody to publish to (the hub does not send these to SQLite).
+            Job::Publish(..) | Job::Barrier(_) | Job::Retention(_) | Job::Prune(..) => {
+                Outcome::Nothing
+            }
         };
         outcomes.push(outcome);
         // Some errors (disk full, I/O, out of memory) make SQLite roll the whole transaction

@@ -44,6 +44,9 @@ pub enum Job {
         Answer<Result<(Vec<Retired>, Option<i64>)>>,
     ),
     Presence(i64, Presence),
+    /// A frame that is not stored, for the other nodes (the cross-node bus): published with
+    /// the batch it falls in, in order with the rows around it.
+    Publish(super::Audience, String),
     Barrier(Answer<()>),
     /// Turns background retention on (the server does; the command line does not).
     Retention(Retention),

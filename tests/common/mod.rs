@@ -151,6 +151,29 @@ pub fn pg_cut_connections(path: &Path) -> i64 {
         .get(0)
 }
 
+/// Cuts the bus listeners' connections to the database made for `path` (what an operator's
+/// pg_terminate_backend, or a pooler restart, does to them); returns how many there were.
+pub fn pg_terminate_listeners(path: &Path) -> i64 {
+    let url = db_arg(path);
+    let name = url
+        .rsplit('/')
+        .next()
+        .and_then(|tail| tail.split('?').next())
+        .unwrap()
+        .to_string();
+    let mut client =
+        postgres::Client::connect(&pg_url(&pg_env("PGDATABASE", "postgres")), postgres::NoTls)
+            .unwrap();
+    client
+        .query_one(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = $1 AND application_name = 'echocenter-bus-listener'",
+            &[&name],
+        )
+        .unwrap()
+        .get(0)
+}
+
 /// The URL of database `name` in the libpq variables' cluster.
 pub fn pg_url(name: &str) -> String {
     let enc = |s: &str| {
@@ -704,6 +727,29 @@ impl Ws {
             self.inner.write(Message::text(f.to_string())).unwrap();
         }
         self.inner.flush().unwrap();
+    }
+
+    /// Every JSON text frame until the connection ends (its server died, say), or until
+    /// `timeout` passes without one.
+    pub fn drain_until_end(&mut self, timeout: Duration) -> Vec<Value> {
+        let mut got = Vec::new();
+        let mut deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            match self.inner.read() {
+                Ok(Message::Text(t)) => {
+                    got.push(serde_json::from_str(t.as_str()).unwrap());
+                    deadline = Instant::now() + timeout;
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
+            }
+        }
+        got
     }
 
     /// The next JSON text frame, or None at the deadline. Panics if the connection closed.
