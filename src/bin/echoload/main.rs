@@ -78,6 +78,7 @@ scenarios:
 
 common:
   --addr 127.0.0.1:18100   loopback only
+  --agent-addr A           chat/stream/butler: agents connect here instead (another node)
   --admin-user admin --admin-password admin123
   --server-pid PID         sample the server's RSS, threads and CPU (per thread group)
   --metrics-token T        read GET /metrics before/after (commits, batch sizes, errors)

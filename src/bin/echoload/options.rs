@@ -52,6 +52,9 @@ fn secs(name: &str, v: f64) -> Res<Duration> {
 
 pub struct Common {
     pub addr: SocketAddr,
+    /// Where agents connect, when not `addr`: another node of the same hub (PostgreSQL),
+    /// so that every round trip crosses between nodes.
+    pub agent_addr: Option<SocketAddr>,
     pub admin_user: String,
     pub admin_password: String,
     pub server_pid: Option<u32>,
@@ -75,8 +78,17 @@ impl Common {
                     .map(|d| d.as_millis() as u64 & 0xf_ffff)
                     .unwrap_or(0)
         );
+        let agent_addr: Option<SocketAddr> = args
+            .opt_value_from_str("--agent-addr")
+            .map_err(|e| format!("--agent-addr: {e}"))?;
+        if let Some(a) = agent_addr.filter(|a| !a.ip().is_loopback()) {
+            return Err(format!(
+                "--agent-addr {a}: echoload only targets the loopback address"
+            ));
+        }
         Ok(Common {
             addr,
+            agent_addr,
             admin_user: opt(args, "--admin-user", "admin".to_string())?,
             admin_password: opt(args, "--admin-password", "admin123".to_string())?,
             server_pid: args

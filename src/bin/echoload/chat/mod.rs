@@ -77,7 +77,7 @@ pub fn run(c: &Common, a: &ChatArgs) -> Res<Value> {
 
     let agent_tokens: Vec<&str> = agents.iter().map(|x| x.token.as_str()).collect();
     let human_tokens: Vec<&str> = humans.iter().map(|x| x.token.as_str()).collect();
-    let agent_socks = open_all_ok(c.addr, &agent_tokens, "agent")?;
+    let agent_socks = open_all_ok(c.agent_addr.unwrap_or(c.addr), &agent_tokens, "agent")?;
     let mut ctls = Vec::new();
     let mut agent_threads = Vec::new();
     for (i, s) in agent_socks.into_iter().enumerate() {
