@@ -18,7 +18,7 @@ export ECHOCENTER_TEST_PYTHON="$PWD/$venv/bin/python"
 failed=0
 echo "== tests on SQLite"
 start=$SECONDS
-cargo test --all-targets "$@" || failed=1
+cargo test --no-fail-fast --all-targets "$@" || failed=1
 echo "== SQLite run: $((SECONDS - start)) s"
 
 if command -v pg_virtualenv >/dev/null 2>&1; then
@@ -27,7 +27,7 @@ if command -v pg_virtualenv >/dev/null 2>&1; then
   # fsync=off: the cluster is thrown away at the end, and the tests are about our server,
   # not about PostgreSQL's durability. Unit tests do not touch the database: not run twice.
   pg_virtualenv -o fsync=off -o max_connections=300 \
-    env ECHOCENTER_TEST_DB=postgres cargo test --test '*' "$@" || failed=1
+    env ECHOCENTER_TEST_DB=postgres cargo test --no-fail-fast --test '*' "$@" || failed=1
   echo "== PostgreSQL run: $((SECONDS - start)) s"
 else
   echo "PostgreSQL suite SKIPPED: pg_virtualenv not found (apt-get install postgresql)"

@@ -269,9 +269,19 @@ fn the_per_address_cap_refuses_the_fourth_connection_with_503_until_one_closes()
         &[],
     );
     let admin = s.admin_token();
-    let a = s.ws(&admin);
-    let _b = s.ws(&admin);
-    let _c = s.ws(&admin);
+    // The login's own connection holds a slot until the server has finished closing it,
+    // a moment after the client has read the answer: wait for each slot rather than race.
+    let admitted = || {
+        let mut ws = None;
+        s.wait_for("a free slot", Duration::from_secs(10), || {
+            ws = s.try_ws(&admin).ok();
+            ws.is_some()
+        });
+        ws.unwrap()
+    };
+    let a = admitted();
+    let _b = admitted();
+    let _c = admitted();
     let r = s.request("GET", "/api/ping", None, None);
     assert_eq!(
         (r.status, r.error().as_str()),
@@ -289,11 +299,7 @@ fn the_per_address_cap_refuses_the_fourth_connection_with_503_until_one_closes()
     );
     // One leaves; a new one is admitted (once the server has noticed).
     a.close();
-    let mut d = None;
-    s.wait_for("a free slot", Duration::from_secs(10), || {
-        d = s.try_ws(&admin).ok();
-        d.is_some()
-    });
+    let _d = admitted();
     // ... and the cap still holds.
     let r = s.request("GET", "/api/ping", None, None);
     assert_eq!(r.status, 503, "{}", r.body);

@@ -306,20 +306,6 @@ fn closes_on_one_node_end_sessions_on_the_others_at_once() {
     let _sixteenth = c.ws(&fresh);
 }
 
-/// Waits for `what` from `ws`, reading past anything else.
-fn frames_from(ws: &mut Ws, sender: i64, count: usize) -> Vec<Value> {
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while got.len() < count && Instant::now() < deadline {
-        if let Some(v) = ws.recv_within(Duration::from_millis(100)) {
-            if v["type"] == "CHAT" && v["sender_id"] == sender {
-                got.push(v);
-            }
-        }
-    }
-    got
-}
-
 #[test]
 fn a_node_killed_under_load_loses_nothing_acknowledged() {
     if !cluster() {
@@ -403,13 +389,17 @@ fn a_dropped_listener_connection_recovers_without_loss() {
     for i in 0..30 {
         human.send_json(json!({"type": "CHAT", "target_id": agent, "payload": format!("during {i}"), "local_id": format!("d{i}")}));
     }
-    let got = frames_from(&mut on_b, 1, 30);
-    let mut payloads: Vec<String> = got
-        .iter()
-        .map(|v| v["payload"].as_str().unwrap().to_string())
-        .collect();
-    payloads.sort();
-    payloads.dedup();
+    // At least once: a frame routed live and replayed after the reconnect arrives twice, so
+    // count distinct payloads, not frames.
+    let mut payloads = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while payloads.len() < 30 && Instant::now() < deadline {
+        if let Some(v) = on_b.recv_within(Duration::from_millis(100)) {
+            if v["type"] == "CHAT" && v["sender_id"] == 1 {
+                payloads.insert(v["payload"].as_str().unwrap().to_string());
+            }
+        }
+    }
     assert_eq!(
         payloads.len(),
         30,
