@@ -8,8 +8,22 @@
 #   BENCH_CONNECT=10000 scripts/bench.sh  # 10,000 idle agents (see the note printed at the end)
 #
 # Raw results (one JSON line per scenario) are kept if BENCH_KEEP=1, else only printed.
+#
+# PostgreSQL rows (issue #14): when pg_virtualenv is installed (Debian's postgresql), the
+# script runs itself inside a throw-away cluster (default settings: fsync on, synchronous
+# commit, like --sync full) and adds closed-loop and 5,000 rt/s runs on one PostgreSQL node
+# and on two nodes with the humans on one and the agents on the other, a cross-node RTT run at
+# 1,000 rt/s, and each node's and PostgreSQL's CPU per round trip. BENCH_PG=0 skips them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${BENCH_PG:-1}" = 1 ] && [ -z "${PGHOST:-}" ] && command -v pg_virtualenv >/dev/null 2>&1; then
+  exec pg_virtualenv -o max_connections=300 "$0" "$@"
+fi
+pg=0
+if [ "${BENCH_PG:-1}" = 1 ] && [ -n "${PGHOST:-}" ]; then
+  pg=1
+fi
 
 connect_n=${BENCH_CONNECT:-5000}
 duration=${BENCH_DURATION:-10}
@@ -23,11 +37,12 @@ load_bin=target/release/echoload
 work=$(mktemp -d "${TMPDIR:-/tmp}/echocenter-bench.XXXXXX")
 results="$work/results.jsonl"
 server_pid=""
+node_pids=()
 cleanup() {
-  if [ -n "$server_pid" ]; then
-    kill "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-  fi
+  for p in $server_pid "${node_pids[@]}"; do
+    kill "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
   if [ "${BENCH_KEEP:-0}" = 1 ]; then
     echo "kept $work" >&2
   else
@@ -40,11 +55,12 @@ trap 'exit 130' INT TERM
 # Every WebSocket connection costs the server a few file descriptors; take what we may.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-# start_server NAME SYNC [extra flags...]: sets $server_pid and $addr.
+# start_server NAME SYNC [extra flags...]: sets $server_pid and $addr. The database is
+# $work/NAME.db unless $db is set (a postgres:// URL).
 start_server() {
   local name=$1 sync=$2
   shift 2
-  "$server_bin" --addr 127.0.0.1:0 --db "$work/$name.db" --sync "$sync" \
+  "$server_bin" --addr 127.0.0.1:0 --db "${db:-$work/$name.db}" --sync "$sync" \
     --max-frames-per-second 100000 --metrics-token "$metrics_token" "$@" \
     >"$work/$name.out" 2>"$work/$name.err" &
   server_pid=$!
@@ -65,18 +81,46 @@ stop_server() {
   server_pid=""
 }
 
-# run LABEL SCENARIO [args...]: one echoload run; its JSON line goes to $results with the label.
+# CPU seconds (user + system) of one process, or of every process named postgres.
+cpu_s() {
+  local ticks
+  if [ "$1" = postgres ]; then
+    ticks=$(for p in $(pgrep -x postgres); do awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null; done | awk '{n += $1} END {print n + 0}')
+  else
+    ticks=$(awk '{print $14 + $15}' "/proc/$1/stat")
+  fi
+  awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f", t / hz}'
+}
+
+# A fresh PostgreSQL database in the pg_virtualenv cluster; prints its URL.
+pg_database() {
+  local name=$1
+  psql -q -d postgres -c "DROP DATABASE IF EXISTS $name" -c "CREATE DATABASE $name" >/dev/null
+  python3 -c 'import os, sys, urllib.parse as u
+q = lambda s: u.quote(s, safe="")
+print("postgres://%s:%s@%s:%s/%s?sslmode=disable" % (q(os.environ["PGUSER"]), q(os.environ.get("PGPASSWORD", "")), os.environ.get("PGHOST", "localhost"), os.environ.get("PGPORT", "5432"), sys.argv[1]))' "$name"
+}
+
+# run LABEL SCENARIO [args...]: one echoload run; its JSON line goes to $results with the
+# label, and the CPU seconds each process of $watch (server pids, or "postgres") spent in it.
 run() {
   local label=$1
   shift
   echo "== $label: echoload $*" >&2
-  local line
+  local line w before=() after=()
+  local watched=(${watch:-$server_pid})
+  for w in "${watched[@]}"; do before+=("$(cpu_s "$w")"); done
   line=$("$load_bin" "$@" --addr "$addr" --server-pid "$server_pid" \
     --metrics-token "$metrics_token" 2>>"$work/echoload.err") || true
+  for w in "${watched[@]}"; do after+=("$(cpu_s "$w")"); done
   if [ -z "$line" ]; then
     line='{"error":"echoload printed nothing"}'
   fi
-  printf '{"label":"%s","run":%s}\n' "$label" "$line" >>"$results"
+  local cpu="" i
+  for i in "${!watched[@]}"; do
+    cpu+="${cpu:+,}$(awk -v a="${after[$i]}" -v b="${before[$i]}" 'BEGIN {printf "%.2f", a - b}')"
+  done
+  printf '{"label":"%s","cpu_s":[%s],"run":%s}\n' "$label" "$cpu" "$line" >>"$results"
 }
 
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -114,6 +158,36 @@ run closed-normal chat --closed-loop 256 --humans 32 --agents 50 --duration "$du
 grep -E ' WARN | ERROR ' "$work/normal.err" | grep -v 'bootstrap:' | head -20 >>"$work/warnings" || true
 stop_server
 
+if [ "$pg" = 1 ]; then
+  # One SQLite node's numbers for the same shapes are the rows above (closed-full, chat).
+  db=$(pg_database bench_one)
+  start_server pg-one full
+  watch="$server_pid postgres"
+  run pg-one-closed chat --closed-loop 256 --humans 32 --agents 50 --duration "$duration"
+  run pg-one-open chat --rate 5000 --humans 16 --agents 50 --duration "$duration"
+  grep -E ' WARN | ERROR ' "$work/pg-one.err" | grep -v 'bootstrap:' | head -20 >>"$work/warnings" || true
+  stop_server
+
+  # Two nodes on one database: the humans on node A, the agents on node B, so every round
+  # trip crosses the bus twice (instruction A -> B, answer B -> A).
+  db=$(pg_database bench_two)
+  start_server pg-node-b full --node-timeout 30s
+  addr_b=$addr
+  node_pids+=("$server_pid")
+  pid_b=$server_pid
+  start_server pg-node-a full --node-timeout 30s
+  watch="$server_pid $pid_b postgres"
+  run pg-two-closed chat --closed-loop 256 --humans 32 --agents 50 --duration "$duration" --agent-addr "$addr_b"
+  run pg-two-open chat --rate 5000 --humans 16 --agents 50 --duration "$duration" --agent-addr "$addr_b"
+  run pg-two-1000 chat --rate 1000 --humans 16 --agents 50 --duration "$duration" --agent-addr "$addr_b"
+  grep -E ' WARN | ERROR ' "$work/pg-node-a.err" "$work/pg-node-b.err" | grep -v 'bootstrap:' | head -20 >>"$work/warnings" || true
+  stop_server
+  kill "$pid_b" 2>/dev/null || true
+  wait "$pid_b" 2>/dev/null || true
+  node_pids=()
+  unset db watch
+fi
+
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 fs=$(df -T "$work" | awk 'NR==2 {print $2}')
 
@@ -121,9 +195,11 @@ python3 - "$results" "$work/warnings" "$work/echoload.err" <<EOF
 import json, sys
 
 runs = {}
+cpu_s = {}
 for line in open(sys.argv[1]):
     r = json.loads(line)
     runs[r["label"]] = r["run"]
+    cpu_s[r["label"]] = r.get("cpu_s", [])
 
 def g(d, *path, default=None):
     for p in path:
@@ -237,6 +313,53 @@ if r and "error" not in r:
     print("| stream | %s | %s | chunk: %s | (no target; order kept, 0 lost) | %s |" % (load, res, lat(r.get("chunk_latency")), verdict(r["order_kept"] and r["lost"] == 0)))
 elif r:
     print("| stream | - | error: %s | - | - | **no** |" % r["error"])
+
+pg_rows = [
+    ("pg-one-closed", "PostgreSQL, 1 node: closed loop, 256 in flight", ">= 50% of SQLite's closed loop", "closed-full"),
+    ("pg-one-open", "PostgreSQL, 1 node: 5,000 rt/s offered", "0 lost, 0 dup", None),
+    ("pg-two-closed", "PostgreSQL, 2 nodes (humans on A, agents on B): closed loop, 256 in flight", "0 lost, 0 dup", None),
+    ("pg-two-open", "PostgreSQL, 2 nodes across: 5,000 rt/s offered", "0 lost, 0 dup", None),
+    ("pg-two-1000", "PostgreSQL, 2 nodes across: 1,000 rt/s offered (cross-node RTT)", "p99 <= 20 ms, 0 lost, 0 dup", None),
+]
+if any(l in runs for l, *_ in pg_rows):
+    print()
+    print("PostgreSQL (issue #14; a pg_virtualenv cluster on the same machine, default settings: fsync on, synchronous commit):")
+    print()
+    print("| scenario | result | latency p50 / p90 / p99 / max (ms) | CPU per round trip: node A / node B / PostgreSQL (ms) | target | met |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label, name, target, versus in pg_rows:
+        r = runs.get(label)
+        if not r:
+            continue
+        if "error" in r:
+            print("| %s | error: %s | - | - | %s | **no** |" % (name, r["error"], target))
+            continue
+        ok = r["lost"] == 0 and r["duplicated"] == 0
+        res = "**%.0f rt/s**; sent %d, lost %d, dup %d" % (r["rt_per_s"], r["sent"], r["lost"], r["duplicated"])
+        if versus and versus in runs and "rt_per_s" in runs[versus]:
+            share = r["rt_per_s"] / runs[versus]["rt_per_s"]
+            res += "; **%.0f%%** of SQLite's %.0f" % (100 * share, runs[versus]["rt_per_s"])
+            ok = ok and share >= 0.5
+        if label == "pg-two-1000":
+            ok = ok and g(r, "latency", "p99_ms", default=1e9) <= 20
+        rts = r["rt_per_s"] * r["duration_s"]
+        cpus = cpu_s.get(label, [])
+        per = " / ".join("%.3f" % (1000 * c / rts) for c in cpus) if rts else "-"
+        if len(cpus) == 2:
+            per = per.replace(" / ", " / - / ", 1)
+        print("| %s | %s | %s | %s | %s | %s |" % (name, res, lat(r.get("latency")), per, target, verdict(ok)))
+    two = runs.get("pg-two-closed")
+    cpus = cpu_s.get("pg-two-closed", [])
+    if two and "rt_per_s" in two and len(cpus) == 3:
+        rts = two["rt_per_s"] * two["duration_s"]
+        node = (cpus[0] + cpus[1]) / rts  # CPU seconds all nodes spend per round trip
+        pgc = cpus[2] / rts
+        cores = int("$(nproc)")
+        nodes4 = 4 * cores / node
+        pg_cap = cores / pgc
+        print()
+        print("By that model (closed loop, every round trip crossing two nodes): the nodes spend %.3f ms of CPU per round trip between them, PostgreSQL %.3f ms. Four nodes of %d cores each could carry %.0f rt/s; a PostgreSQL of %d cores caps the cluster at %.0f rt/s, so 4 nodes would reach **~%.0f rt/s** (the smaller)." % (
+            1000 * node, 1000 * pgc, cores, nodes4, cores, pg_cap, min(nodes4, pg_cap)))
 
 print()
 print("Where the time went (server CPU % of one core, by thread kind; client = echoload):")
