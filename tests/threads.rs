@@ -370,6 +370,48 @@ fn a_humans_chat_without_a_thread_goes_to_the_default_one_made_on_demand() {
     assert_eq!(payloads(&rows), ["first", "second"]);
 }
 
+#[test]
+fn after_a_data_reset_a_humans_chat_goes_to_the_new_pairs_default_thread() {
+    // The hub remembers each pair's default thread; a reset starts thread ids over, so a
+    // remembered id would name another pair's thread (or none).
+    let s = Server::start();
+    let admin = s.admin_token();
+    let (agent, _) = s.register_agent(&admin, "Worker");
+    let mut ws = s.ws(&admin);
+    let before = say(&mut ws, agent, "before", None);
+    assert_eq!(before["conversation_id"], 1, "{before}");
+    drop(ws);
+
+    let r = s.request("POST", "/api/dev/mock/reset", Some(&admin), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let admin = s.admin_token();
+    // Thread 1 is now the admin's with the Butler; the agent comes back under the same id.
+    let butler = new_thread(&s, &admin, butler_id(&s, &admin), "butler_direct", "Ops");
+    assert_eq!(butler["id"], 1);
+    let (again, _) = s.register_agent(&admin, "Worker");
+    assert_eq!(again, agent, "the ids start over");
+    let mut ws = s.ws(&admin);
+    let after = say(&mut ws, agent, "after", None);
+    let default = threads(&s, &admin, "")
+        .into_iter()
+        .find(|t| t["peer_user_id"] == agent)
+        .expect("the pair's new default thread");
+    assert_eq!(default["is_default"], true);
+    assert_eq!(after["conversation_id"], default["id"], "{after}");
+    assert_eq!(
+        payloads(&thread_messages(
+            &s,
+            &admin,
+            default["id"].as_i64().unwrap()
+        )),
+        ["after"]
+    );
+    assert!(
+        thread_messages(&s, &admin, 1).is_empty(),
+        "nothing in the Butler's thread"
+    );
+}
+
 /// tests/guide/agent.py is the integration guide's example, byte for byte; it never sends
 /// conversation_id.
 fn start_guide_agent(s: &Server, token: &str) -> std::process::Child {

@@ -51,6 +51,10 @@ pub(super) struct ThreadCache {
     pairs: Mutex<HashMap<i64, (i64, i64)>>,
     /// (human, peer) → the thread the human last wrote in with that peer.
     last: Mutex<HashMap<(i64, i64), i64>>,
+    /// (human, peer) → the pair's default thread. Asking the store each time cost a write
+    /// transaction per CHAT (find-or-create), on the sender's reader, contending with the
+    /// writer's commits: it halved one busy connection's throughput.
+    defaults: Mutex<HashMap<(i64, i64), i64>>,
     /// AUTH_STATUS_UPDATEs for the Butler while it was away, sent when it connects.
     butler_notices: Mutex<Vec<Shared>>,
 }
@@ -60,6 +64,10 @@ impl ThreadCache {
     pub(super) fn forget_all(&self) {
         self.pairs.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.last.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.defaults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.butler_notices
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -212,11 +220,22 @@ impl Hub {
     }
 
     fn default_thread(&self, human: i64, peer: i64, kind: &str) -> Result<i64, FrameError> {
+        let cached = self
+            .threads
+            .defaults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(human, peer))
+            .copied();
+        if let Some(id) = cached {
+            return Ok(id);
+        }
         let t = self
             .store
             .default_thread(human, peer, kind)
             .map_err(unavailable)?;
         remember(&self.threads.pairs, t.id, (human, peer));
+        remember(&self.threads.defaults, (human, peer), t.id);
         Ok(t.id)
     }
 

@@ -595,15 +595,20 @@ impl Backend for Sqlite {
     }
 
     fn default_thread(&self, owner: i64, peer: i64, channel_kind: &str) -> Result<ThreadRow> {
+        const FIND: &str = "SELECT id FROM conversation_threads
+                            WHERE owner_user_id = ?1 AND peer_user_id = ?2 AND is_default = 1";
         let mut conn = self.conn();
+        // Found with a plain read: the write lock (an immediate transaction, which waits for
+        // the writer's commit and holds up the next one) only when it must be made.
+        let found: Option<i64> = conn
+            .query_row(FIND, params![owner, peer], |r| r.get(0))
+            .optional()?;
+        if let Some(id) = found {
+            return thread_by_id(&conn, id)?.ok_or(StoreError::NotFound);
+        }
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let existing: Option<i64> = tx
-            .query_row(
-                "SELECT id FROM conversation_threads
-                 WHERE owner_user_id = ?1 AND peer_user_id = ?2 AND is_default = 1",
-                params![owner, peer],
-                |r| r.get(0),
-            )
+            .query_row(FIND, params![owner, peer], |r| r.get(0))
             .optional()?;
         let id = match existing {
             Some(id) => id,

@@ -95,17 +95,18 @@ fn expect_json(r: (u16, String), want: u16, what: &str) -> Res<Value> {
 }
 
 pub fn login(addr: SocketAddr, user: &str, password: &str) -> Res<String> {
-    let v = expect_json(
-        http(
-            addr,
-            "POST",
-            "/api/auth/login",
-            None,
-            Some(&json!({"username": user, "password": password})),
-        )?,
-        200,
-        &format!("login {user}"),
-    )?;
+    let body = json!({"username": user, "password": password});
+    // The server verifies a few passwords at a time and answers 503 with `Retry-After: 1`
+    // to the rest (a login flood must not tie up its HTTP workers): retry, as a client should.
+    let mut answer = http(addr, "POST", "/api/auth/login", None, Some(&body))?;
+    for _ in 0..20 {
+        if answer.0 != 503 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        answer = http(addr, "POST", "/api/auth/login", None, Some(&body))?;
+    }
+    let v = expect_json(answer, 200, &format!("login {user}"))?;
     v["token"]
         .as_str()
         .map(str::to_string)
