@@ -572,7 +572,7 @@ impl Backend for Sqlite {
         let mut stmt = conn.prepare_cached(&format!(
             "{THREAD_SELECT} WHERE owner_user_id = ?1 AND (?2 IS NULL OR peer_user_id = ?2)
                AND (?3 IS NULL OR channel_kind = ?3)
-             ORDER BY is_pinned DESC, last_message_at IS NULL, last_message_at DESC, id DESC"
+             ORDER BY is_pinned DESC, last_at IS NULL, last_at DESC, id DESC"
         ))?;
         let rows = stmt.query_map(params![owner, peer, channel_kind], thread_from_row)?;
         Ok(rows.collect::<std::result::Result<_, _>>()?)
@@ -811,9 +811,19 @@ fn chat_from_row(r: &rusqlite::Row) -> rusqlite::Result<ChatRow> {
     })
 }
 
+/// A thread's `last_message_at` is its newest stored row's time, read through
+/// `chat_conversation` (one index probe per thread), and its `updated_at` the later of that
+/// and its own. Keeping them in the thread's row instead cost an UPDATE per stored chat row,
+/// one more page in nearly every group commit (about a sixth of the closed-loop throughput,
+/// measured); the stored `last_message_at` only answers for threads whose rows were all pruned.
 const THREAD_SELECT: &str = "SELECT id, owner_user_id, peer_user_id, channel_kind, title, summary,
-        is_pinned, is_default, archived_at, last_message_at, created_at, updated_at
-     FROM conversation_threads";
+        is_pinned, is_default, archived_at, last_at, created_at,
+        CASE WHEN last_at > updated_at THEN last_at ELSE updated_at END
+     FROM (SELECT t.*, COALESCE(
+               (SELECT c.timestamp FROM chat_messages c
+                WHERE c.conversation_id = t.id ORDER BY c.id DESC LIMIT 1),
+               t.last_message_at) AS last_at
+           FROM conversation_threads t)";
 
 fn thread_from_row(r: &rusqlite::Row) -> rusqlite::Result<ThreadRow> {
     Ok(ThreadRow {
@@ -1385,12 +1395,7 @@ fn write_chat(tx: &rusqlite::Transaction, c: &NewChat) -> Result<Stored> {
         !c.forward
     ])?;
     let id = tx.last_insert_rowid();
-    if let Some(thread) = c.conversation_id {
-        tx.prepare_cached(
-            "UPDATE conversation_threads SET last_message_at = ?2, updated_at = ?2 WHERE id = ?1",
-        )?
-        .execute(params![thread, timestamp])?;
-    }
+    // The thread's last_message_at and updated_at follow from this row (THREAD_SELECT).
     Ok(Stored {
         id,
         timestamp,
