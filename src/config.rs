@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod database;
+#[cfg(test)]
+pub use database::parse_dsn;
 pub use database::{Database, PostgresDsn};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
