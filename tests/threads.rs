@@ -741,6 +741,31 @@ fn an_answered_approval_remembers_its_answer_and_cannot_be_answered_again() {
         (Some("a2"), Some(1))
     );
     assert_eq!(w.status(&w.member, "a2"), "APPROVED");
+    // The admin's answer is filed in the member's thread (where the request is) and is in
+    // the admin's own history with the Butler, not in the member's: it is between the admin
+    // and the Butler. (History reads filed rows through threads, and answers apart.)
+    assert_eq!(got["conversation_id"], default);
+    let answers = |jwt: &str| -> Vec<i64> {
+        w.s.get(&format!("/api/chat/history/{}", w.butler), jwt)
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["type"] == "AUTH_RESPONSE" && r["payload"]["action_id"] == "a2")
+            .map(|r| r["sender_id"].as_i64().unwrap())
+            .collect()
+    };
+    assert_eq!(answers(&w.admin), [1]);
+    assert!(answers(&w.member).is_empty());
+    let in_thread: Vec<Value> = thread_messages(&w.s, &w.member, default.as_i64().unwrap())
+        .into_iter()
+        .filter(|r| r["type"] == "AUTH_RESPONSE")
+        .collect();
+    assert_eq!(
+        in_thread.len(),
+        2,
+        "mia's answer to a1 and the admin's to a2: {in_thread:?}"
+    );
 
     // An answer to something the server never stored is only routed (the Butler judges it).
     w.answer(&mut mia, "never-asked", true);

@@ -38,6 +38,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "005_file_unthreaded_chat",
         include_str!("../../sql/005_file_unthreaded_chat.sql"),
     ),
+    (
+        "006_one_lookup_index_per_chat_row",
+        include_str!("../../sql/006_one_lookup_index_per_chat_row.sql"),
+    ),
 ];
 /// Connections for authentication and routing lookups, and for everything else.
 const AUTH_CONNECTIONS: usize = 2;
@@ -668,9 +672,12 @@ impl Backend for Sqlite {
         Ok(self
             .auth_conn()
             .query_row(
-                "SELECT conversation_id FROM chat_messages
-                 WHERE sender_id = ?1 AND receiver_id = ?2 AND conversation_id IS NOT NULL
-                 ORDER BY id DESC LIMIT 1",
+                // Through the pair's threads (chat_conversation): filed rows are not in
+                // chat_pair (sql/006).
+                "SELECT c.conversation_id FROM conversation_threads t
+                 JOIN chat_messages c ON c.conversation_id = t.id
+                 WHERE t.owner_user_id = ?1 AND t.peer_user_id = ?2 AND c.sender_id = ?1
+                 ORDER BY c.id DESC LIMIT 1",
                 params![human, peer],
                 |r| r.get(0),
             )
@@ -728,10 +735,24 @@ impl Backend for Sqlite {
         limit: i64,
         before_id: Option<i64>,
     ) -> Result<Vec<ChatRow>> {
+        // A row is in `chat_pair` (no thread, or an AUTH_RESPONSE) or in one of the pair's
+        // threads, never in both (sql/006): each part by its own index.
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(&format!(
-            "{CHAT_SELECT} WHERE ((sender_id = ?1 AND receiver_id = ?2) OR (sender_id = ?2 AND receiver_id = ?1))
-               AND (?3 IS NULL OR id < ?3)
+            "{CHAT_SELECT} WHERE id IN (
+                 SELECT id FROM chat_messages
+                 WHERE sender_id = ?1 AND receiver_id = ?2
+                   AND (conversation_id IS NULL OR type = 'AUTH_RESPONSE') AND (?3 IS NULL OR id < ?3)
+                 UNION ALL
+                 SELECT id FROM chat_messages
+                 WHERE sender_id = ?2 AND receiver_id = ?1
+                   AND (conversation_id IS NULL OR type = 'AUTH_RESPONSE') AND (?3 IS NULL OR id < ?3)
+                 UNION ALL
+                 SELECT c.id FROM conversation_threads t
+                 JOIN chat_messages c ON c.conversation_id = t.id
+                 WHERE ((t.owner_user_id = ?1 AND t.peer_user_id = ?2)
+                        OR (t.owner_user_id = ?2 AND t.peer_user_id = ?1))
+                   AND c.type <> 'AUTH_RESPONSE' AND (?3 IS NULL OR c.id < ?3))
              ORDER BY id DESC LIMIT ?4"
         ))?;
         let rows = stmt.query_map(params![a, b, before_id, limit], chat_from_row)?;
