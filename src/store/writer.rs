@@ -23,6 +23,8 @@ const PRUNE_AGAIN_AFTER: Duration = Duration::from_millis(200);
 /// agent is trimmed within about this many rows of its budget, not a minute later. (A tenth
 /// of a smaller row budget, when there is one.)
 const LOG_ROWS_PER_CHECK: u64 = 20_000;
+/// The same in bytes of log content (a tenth of a smaller byte budget, at least 1 MiB).
+const LOG_BYTES_PER_CHECK: u64 = 64 << 20;
 /// The first housekeeping after retention is switched on: soon, so a server that starts on
 /// an old database prunes it at once.
 const FIRST_HOUSEKEEPING: Duration = Duration::from_secs(1);
@@ -117,6 +119,7 @@ pub fn run(mut backend: impl Batches, rx: Receiver<Job>, stats: &WriterStats) {
     let mut retention: Option<Retention> = None;
     let mut next_housekeeping = Instant::now() + HOUSEKEEPING_EVERY;
     let mut log_rows_since_check = 0u64;
+    let mut log_bytes_since_check = 0u64;
     loop {
         let wait = next_housekeeping.saturating_duration_since(Instant::now());
         let first = match rx.recv_timeout(wait) {
@@ -132,8 +135,12 @@ pub fn run(mut backend: impl Batches, rx: Receiver<Job>, stats: &WriterStats) {
                     Err(_) => break,
                 }
             }
-            log_rows_since_check +=
-                batch.iter().filter(|j| matches!(j, Job::Log(..))).count() as u64;
+            for job in &batch {
+                if let Job::Log(l, _) = job {
+                    log_rows_since_check += 1;
+                    log_bytes_since_check += l.content.len() as u64;
+                }
+            }
             write_and_answer(
                 &mut backend,
                 batch,
@@ -148,11 +155,20 @@ pub fn run(mut backend: impl Batches, rx: Receiver<Job>, stats: &WriterStats) {
             .map_or(LOG_ROWS_PER_CHECK, |m| {
                 (m / 10).clamp(100, LOG_ROWS_PER_CHECK)
             });
-        let flood = retention.is_some() && log_rows_since_check >= per_check;
+        // Long lines reach the byte budget long before the row budget's tenth.
+        let per_check_bytes = retention
+            .as_ref()
+            .and_then(|r| r.max_log_bytes_per_agent)
+            .map_or(LOG_BYTES_PER_CHECK, |m| {
+                (m / 10).clamp(1 << 20, LOG_BYTES_PER_CHECK)
+            });
+        let flood = retention.is_some()
+            && (log_rows_since_check >= per_check || log_bytes_since_check >= per_check_bytes);
         if Instant::now() < next_housekeeping && !flood {
             continue;
         }
         log_rows_since_check = 0;
+        log_bytes_since_check = 0;
         next_housekeeping = Instant::now() + HOUSEKEEPING_EVERY;
         if let Some(r) = &retention {
             match backend.prune_step(r) {
