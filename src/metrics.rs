@@ -17,6 +17,7 @@ pub const LIMITS: &[&str] = &[
     "head_deadline_shortened",
     "login_busy",
     "bridge_busy",
+    "searches_busy",
     "response_memory",
     "log_rate_limited",
     "fragment_flood",

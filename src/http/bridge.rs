@@ -95,14 +95,23 @@ pub struct Bridge {
     buffered: AtomicUsize,
 }
 
-/// A counting semaphore: `EXCHANGE_SLOTS` exchanges with tiny_http at once.
-struct Slots {
+/// A counting semaphore: here `EXCHANGE_SLOTS` exchanges with tiny_http at once; also the
+/// handlers' limit on concurrent log searches.
+pub(super) struct Slots {
     free: Mutex<usize>,
     returned: Condvar,
 }
 
 impl Slots {
-    fn take(&self, within: Duration) -> Option<SlotGuard<'_>> {
+    pub(super) const fn new(n: usize) -> Slots {
+        Slots {
+            free: Mutex::new(n),
+            returned: Condvar::new(),
+        }
+    }
+
+    /// A slot, waiting up to `within` for one.
+    pub(super) fn take(&self, within: Duration) -> Option<SlotGuard<'_>> {
         let deadline = Instant::now() + within;
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         while *free == 0 {
@@ -121,7 +130,7 @@ impl Slots {
     }
 }
 
-struct SlotGuard<'a>(&'a Slots);
+pub(super) struct SlotGuard<'a>(&'a Slots);
 
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
@@ -185,10 +194,7 @@ impl Bridge {
             current: Mutex::new(None),
             restarting: Mutex::new(()),
             generation: AtomicU64::new(0),
-            slots: Slots {
-                free: Mutex::new(EXCHANGE_SLOTS),
-                returned: Condvar::new(),
-            },
+            slots: Slots::new(EXCHANGE_SLOTS),
             buffered: AtomicUsize::new(0),
         }
     }

@@ -635,6 +635,20 @@ fn me(ctx: &Ctx) -> Result<Reply> {
     Ok(Reply::json(200, &view))
 }
 
+/// How long a log search waits for its turn before it is told to retry.
+const SEARCH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Text searches run at most half the cores at a time (at least one). A search of a large log
+/// is CPU for as long as it runs: seven at once on 2 cores held an agent's authentication up
+/// to 0.8 s at p99 (`echoload search`); the rest of the server needs a core of its own.
+fn searches() -> &'static bridge::Slots {
+    static SEARCHES: std::sync::OnceLock<bridge::Slots> = std::sync::OnceLock::new();
+    SEARCHES.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        bridge::Slots::new((cores / 2).max(1))
+    })
+}
+
 fn list_logs(ctx: &Ctx) -> Result<Reply> {
     authorize(ctx, Access::Human)?;
     let query = LogQuery {
@@ -655,7 +669,18 @@ fn list_logs(ctx: &Ctx) -> Result<Reply> {
         until: time_param(ctx, "until")?,
         max_bytes: LOG_PAGE_BYTES,
     };
-    let rows = ctx.app.store.logs(&query)?;
+    let rows = match &query.q {
+        Some(_) => {
+            let Some(_turn) = searches().take(SEARCH_WAIT) else {
+                ctx.app.hub.metrics.limit("searches_busy");
+                return Err(
+                    Reply::error(503, "server busy, retry").with_header("Retry-After", "1".into())
+                );
+            };
+            ctx.app.store.logs(&query)?
+        }
+        None => ctx.app.store.logs(&query)?,
+    };
     let views: Vec<wire::LogView> = rows
         .iter()
         .map(|r| wire::LogView {
