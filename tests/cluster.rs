@@ -441,6 +441,43 @@ fn a_large_unstored_frame_crosses_through_the_table() {
 }
 
 #[test]
+fn a_large_stored_chat_is_read_back_by_id_in_order_with_the_small_ones() {
+    // Small stored rows travel whole in the notification; one too large for it is read
+    // back from the table by id. Both must reach the other node as stored, in order.
+    if !cluster() {
+        return;
+    }
+    let (_db, n) = nodes(2, &[]);
+    let admin = n[0].admin_token();
+    let (agent, token) = n[0].register_agent(&admin, "Bulky");
+    let mut human = n[1].ws(&admin);
+    let mut on_a = n[0].ws(&token);
+    let big = "y".repeat(30_000);
+    on_a.send_burst(&[
+        json!({"type": "CHAT", "target_id": 1, "payload": "before", "local_id": "s1"}),
+        json!({"type": "CHAT", "target_id": 1, "payload": {"text": big}, "local_id": "b1"}),
+        json!({"type": "CHAT", "target_id": 1, "payload": "after", "local_id": "s2"}),
+    ]);
+    let acks: Vec<Value> = (0..3).map(|_| on_a.recv_type("ACK")).collect();
+    let got: Vec<Value> = (0..3)
+        .map(|_| {
+            human.recv_until(
+                |v| v["type"] == "CHAT" && v["sender_id"] == agent,
+                "a reply",
+            )
+        })
+        .collect();
+    assert_eq!(got[0]["payload"], "before");
+    assert_eq!(got[1]["payload"]["text"].as_str().unwrap().len(), 30_000);
+    assert_eq!(got[2]["payload"], "after");
+    for (g, a) in got.iter().zip(&acks) {
+        assert_eq!(g["id"], a["id"], "{g}");
+        assert_eq!(g["sender_name"], "Bulky");
+        assert_eq!(g["timestamp"], a["timestamp"]);
+    }
+}
+
+#[test]
 fn approvals_cross_nodes_and_are_answered_once() {
     if !cluster() {
         return;

@@ -1375,6 +1375,9 @@ fn dev_chat(ctx: &Ctx) -> Result<Reply> {
         conversation_id,
         forward: !receiver.role.is_human(),
         mirrored: crate::hub::butler_and_agent(sender.role, receiver.role),
+        sender_name: sender.username.clone(),
+        sender_role: sender.role,
+        receiver_role: receiver.role,
     })?;
     Ok(Reply::json(201, &serde_json::json!({"id": stored.id})))
 }

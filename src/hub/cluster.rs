@@ -140,13 +140,8 @@ impl Hub {
                     sender,
                     receiver,
                     mirrored,
-                } => {
-                    let wanted = self.has_conns(*receiver)
-                        || self.has_conns(*sender)
-                        || (*mirrored && admins);
-                    if wanted {
-                        chat_ids.push(*id);
-                    }
+                } if self.wants_chat(*sender, *receiver, *mirrored && admins) => {
+                    chat_ids.push(*id);
                 }
                 BusItem::Log { id } if humans => log_ids.push(*id),
                 _ => {}
@@ -171,6 +166,12 @@ impl Hub {
                         self.remote_chat(c);
                     }
                 }
+                BusItem::StoredChat { mirrored, chat } => {
+                    let (sender, receiver) = (chat.row.sender_id, chat.row.receiver_id);
+                    if self.wants_chat(sender, receiver, mirrored && admins) {
+                        self.remote_chat(*chat);
+                    }
+                }
                 BusItem::Log { id } => {
                     if let Some(l) = logs.remove(&id) {
                         self.remote_log(l);
@@ -189,6 +190,12 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// Whether a row between these two users is routed here: one of them is connected, or
+    /// it is mirrored to admins and one is here.
+    fn wants_chat(&self, sender: i64, receiver: i64, mirrored_to_admins: bool) -> bool {
+        self.has_conns(receiver) || self.has_conns(sender) || mirrored_to_admins
     }
 
     fn has_conns(&self, user: i64) -> bool {

@@ -767,6 +767,9 @@ impl Hub {
             conversation_id: env.conversation_id,
             forward: !target.role.is_human(),
             mirrored: butler_and_agent(me.role, target.role),
+            sender_name: me.username.clone(),
+            sender_role: me.role,
+            receiver_role: target.role,
         })
     }
 

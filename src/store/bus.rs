@@ -29,10 +29,17 @@ pub enum Audience {
 }
 
 /// One entry of a batch's notification, in the order the node's writer took them.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum BusItem {
-    /// A chat row was stored; `mirrored` when it is between the Butler and an agent (every
-    /// admin sees those, as BUTLER_AGENT_MESSAGE).
+    /// A chat row was stored, carried whole (rows up to a few KB): routed without reading
+    /// it back. `mirrored` as for `Chat`.
+    StoredChat {
+        mirrored: bool,
+        chat: Box<RemoteChat>,
+    },
+    /// A chat row was stored (too large to carry whole: read it back by id); `mirrored`
+    /// when it is between the Butler and an agent (every admin sees those, as
+    /// BUTLER_AGENT_MESSAGE).
     Chat {
         id: i64,
         sender: i64,
@@ -96,7 +103,8 @@ pub struct Offline {
     pub last_seen_at: String,
 }
 
-/// A chat row fetched for routing on another node, with what routing needs of its users.
+/// A chat row stored on another node, with what routing needs of its users.
+#[derive(Debug)]
 pub struct RemoteChat {
     pub row: ChatRow,
     pub sender_name: String,

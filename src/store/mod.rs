@@ -316,6 +316,11 @@ pub struct NewChat {
     /// Between the Butler and an agent (admins see it as BUTLER_AGENT_MESSAGE, on every
     /// node).
     pub mirrored: bool,
+    /// What another node needs to route the row without reading it back (the cross-node
+    /// bus carries small rows whole): the sender's name and role, the receiver's role.
+    pub sender_name: String,
+    pub sender_role: Role,
+    pub receiver_role: Role,
 }
 
 #[derive(Debug, Clone)]

@@ -110,6 +110,23 @@ pub fn client_config(dsn: &PostgresDsn) -> Result<::postgres::Config> {
     Ok(config)
 }
 
+/// The writer's settings: `client_config`'s, except that its statements keep their cached
+/// generic plans and never scan a table whole. Planning each execution was a quarter of
+/// PostgreSQL's CPU at 1,000 round trips/s across two nodes (perf); every statement the
+/// writer runs goes by an index (inserts, flags and presence by primary key, keys by
+/// `chat_sender_local`, replay by `chat_undelivered`, pruning in id order), so the only
+/// scans a generic plan would choose are the ones made when the tables were empty, which is
+/// what `force_custom_plan` guards the other connections against.
+fn writer_config(config: &::postgres::Config) -> ::postgres::Config {
+    let mut writer = config.clone();
+    let options = format!(
+        "{} -c plan_cache_mode=auto -c enable_seqscan=off",
+        writer.get_options().unwrap_or_default()
+    );
+    writer.options(options.trim_start());
+    writer
+}
+
 /// Another client on the store's database (for a dedicated connection such as a LISTEN).
 #[allow(dead_code)] // the cross-node bus (issue 14) is its first user
 pub fn connect(dsn: &PostgresDsn) -> Result<Client> {
@@ -129,9 +146,10 @@ pub fn open(dsn: &PostgresDsn) -> Result<(Postgres, PostgresWriter)> {
         .map(|_| Conn::connect(&config))
         .collect::<Result<Vec<_>>>()?;
     let node = Arc::new(AtomicI64::new(0));
+    let config_w = writer_config(&config);
     let writer = PostgresWriter {
-        conn: Some(Conn::connect(&config)?),
-        config: config.clone(),
+        conn: Some(Conn::connect(&config_w)?),
+        config: config_w,
         node: node.clone(),
     };
     let backend = Postgres {
@@ -664,7 +682,7 @@ impl Backend for Postgres {
                 "{THREAD_SELECT} WHERE owner_user_id = $1
                    AND ($2::int8 IS NULL OR peer_user_id = $2)
                    AND ($3::text IS NULL OR channel_kind = $3)
-                 ORDER BY is_pinned DESC, last_message_at IS NULL, last_message_at DESC, id DESC"
+                 ORDER BY is_pinned DESC, last_at IS NULL, last_at DESC, id DESC"
             ),
             &[&owner, &peer, &channel_kind],
         )?;
@@ -982,9 +1000,19 @@ const USER_SELECT: &str =
 const CHAT_SELECT: &str = "SELECT id, local_id, sender_id, receiver_id, type, content, stream_id,
         conversation_id, timestamp, delivered FROM chat_messages";
 
+/// A thread's `last_message_at` is its newest stored row's time, read through
+/// `chat_conversation` (one index probe per thread), and its `updated_at` the later of that
+/// and its own, as on SQLite. Keeping them in the thread's row cost an UPDATE per batch,
+/// and a thread's two users are often on two nodes, whose writers then queued on that row's
+/// lock (a tenth of PostgreSQL's CPU at 1,000 round trips/s across two nodes); the stored
+/// `last_message_at` only answers for threads whose rows were all pruned.
 const THREAD_SELECT: &str = "SELECT id, owner_user_id, peer_user_id, channel_kind, title, summary,
-        is_pinned, is_default, archived_at, last_message_at, created_at, updated_at
-     FROM conversation_threads";
+        is_pinned, is_default, archived_at, last_at, created_at, GREATEST(last_at, updated_at)
+     FROM (SELECT t.*, COALESCE(
+               (SELECT c.timestamp FROM chat_messages c
+                WHERE c.conversation_id = t.id ORDER BY c.id DESC LIMIT 1),
+               t.last_message_at) AS last_at
+           FROM conversation_threads t) AS threads";
 
 fn user_from_row(r: &Row) -> Result<UserRow> {
     let role: String = r.try_get(2)?;
@@ -1628,29 +1656,22 @@ fn next_ids(
     Ok(ids)
 }
 
-/// What one row of a group is: already stored (a retry), a repeat of an earlier row of the
-/// same group, or new (the index among the rows to insert).
+/// What one row of a group is: a repeat of an earlier row of the same group, or to be
+/// inserted (the index among the rows to insert; the INSERT skips it when its key is
+/// already stored).
 enum Fate {
-    Stored(Stored),
     SameAs(usize),
     New(usize),
 }
 
-/// The fates of a group's rows by their (sender, local_id) keys, given the rows the database
-/// already holds under those keys.
-fn fates(keys: &[Option<(i64, &str)>], existing: &HashMap<(i64, String), Stored>) -> Vec<Fate> {
+/// The fates of a group's rows by their (sender, local_id) keys.
+fn fates(keys: &[Option<(i64, &str)>]) -> Vec<Fate> {
     let mut first_of: HashMap<(i64, &str), usize> = HashMap::new();
     let mut new = 0;
     keys.iter()
         .enumerate()
         .map(|(k, key)| {
             if let Some((sender, local)) = key {
-                if let Some(s) = existing.get(&(*sender, local.to_string())) {
-                    return Fate::Stored(Stored {
-                        duplicate: true,
-                        ..s.clone()
-                    });
-                }
                 if let Some(first) = first_of.get(&(*sender, *local)) {
                     return Fate::SameAs(*first);
                 }
@@ -1662,9 +1683,9 @@ fn fates(keys: &[Option<(i64, &str)>], existing: &HashMap<(i64, String), Stored>
         .collect()
 }
 
-/// The answers for a group: `inserted` holds the ids the INSERT returned; a new row whose id
-/// is not there lost a race on its key to another node's commit, and is that node's row
-/// (`raced`, found by key).
+/// The answers for a group: `inserted` holds the ids the INSERT returned; a row whose id is
+/// not there was skipped because its key was stored already (a retry, here or on another
+/// node, committed before or racing this batch), and is that row (`raced`, found by key).
 fn answers(
     fates: Vec<Fate>,
     keys: &[Option<(i64, &str)>],
@@ -1676,7 +1697,6 @@ fn answers(
     let mut out: Vec<Stored> = Vec::with_capacity(fates.len());
     for (k, fate) in fates.into_iter().enumerate() {
         let stored = match fate {
-            Fate::Stored(s) => s,
             Fate::SameAs(first) => Stored {
                 duplicate: true,
                 ..out[first].clone()
@@ -1753,9 +1773,10 @@ fn store_chats(
         .iter()
         .map(|c| c.local_id.as_deref().map(|l| (c.sender_id, l)))
         .collect();
-    let keyed: Vec<(i64, &str)> = keys.iter().flatten().copied().collect();
-    let existing = find_keys(tx, statements, "chat_messages", &keyed)?;
-    let fates = fates(&keys, &existing);
+    // No lookup of the keys first: the INSERT skips a key already stored (a retry), and
+    // only the rows it skipped are looked up (`raced`), which saves a round trip in nearly
+    // every commit.
+    let fates = fates(&keys);
     let new: Vec<&NewChat> = fates
         .iter()
         .zip(chats)
@@ -1805,30 +1826,8 @@ fn store_chats(
         )? {
             inserted.insert(r.try_get::<_, i64>(0)?);
         }
-        // Each thread's newest message, as the last row of the group naming it.
-        let mut newest: HashMap<i64, &str> = HashMap::new();
-        for (j, c) in new.iter().enumerate() {
-            if let Some(thread) = c.conversation_id.filter(|_| inserted.contains(&ids[j])) {
-                newest.insert(thread, &timestamps[j]);
-            }
-        }
-        if !newest.is_empty() {
-            let mut pairs: Vec<(i64, &str)> = newest.into_iter().collect();
-            pairs.sort_unstable();
-            let thread_ids: Vec<i64> = pairs.iter().map(|p| p.0).collect();
-            let at: Vec<&str> = pairs.iter().map(|p| p.1).collect();
-            let st = prepared(
-                statements,
-                tx,
-                // By primary key (`= ANY`), not a join with the arrays (planned as a scan
-                // of the whole table).
-                "UPDATE conversation_threads
-                 SET last_message_at = ($2::text[])[array_position($1::int8[], id)],
-                     updated_at = ($2::text[])[array_position($1::int8[], id)]
-                 WHERE id = ANY($1)",
-            )?;
-            tx.execute(&st, &[&thread_ids, &at])?;
-        }
+        // A thread's last_message_at and updated_at follow from its newest row
+        // (THREAD_SELECT): no UPDATE of the thread here.
     }
     let raced_keys: Vec<(i64, &str)> = fates
         .iter()
@@ -1856,9 +1855,10 @@ fn store_logs(
             _ => None,
         })
         .collect();
-    let keyed: Vec<(i64, &str)> = keys.iter().flatten().copied().collect();
-    let existing = find_keys(tx, statements, "messages", &keyed)?;
-    let fates = fates(&keys, &existing);
+    // No lookup of the keys first: the INSERT skips a key already stored (a retry), and
+    // only the rows it skipped are looked up (`raced`), which saves a round trip in nearly
+    // every commit.
+    let fates = fates(&keys);
     let new: Vec<&NewLog> = fates
         .iter()
         .zip(logs)
@@ -2153,7 +2153,7 @@ mod json_status {
 
 #[cfg(test)]
 mod config_tests {
-    use super::client_config;
+    use super::{client_config, writer_config};
     use crate::config::parse_dsn;
 
     #[test]
@@ -2173,6 +2173,24 @@ mod config_tests {
         assert_eq!(
             config.get_options(),
             Some("-c statement_timeout=5s -c plan_cache_mode=force_custom_plan")
+        );
+    }
+
+    #[test]
+    fn the_writer_keeps_its_plans_and_goes_by_index_after_the_users_options() {
+        let dsn = parse_dsn(
+            "--db",
+            "postgres://app@db.internal/echo?options=-c%20statement_timeout%3D5s",
+        )
+        .unwrap();
+        let writer = writer_config(&client_config(&dsn).unwrap());
+        // The last setting of a name wins.
+        assert_eq!(
+            writer.get_options(),
+            Some(
+                "-c statement_timeout=5s -c plan_cache_mode=force_custom_plan \
+                 -c plan_cache_mode=auto -c enable_seqscan=off"
+            )
         );
     }
 }
