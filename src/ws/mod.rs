@@ -39,6 +39,9 @@ use crate::{log_debug, log_info, log_refusal, log_warn};
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Completes (or refuses) an upgrade on `/api/ws`, then serves the connection until it ends.
+/// Never inlined into the connection's thread entry, whose other callees' frames would add
+/// to it for the connection's whole life (see `head::read_head`).
+#[inline(never)]
 pub fn serve(app: &Arc<App>, mut stream: TcpStream, head: Head, leftover: Vec<u8>, peer: IpAddr) {
     let (principal, key) = match check_upgrade(app, &head, peer) {
         Ok(p) => p,
