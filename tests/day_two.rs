@@ -78,6 +78,15 @@ fn retention_removes_exactly_what_is_past_its_window() {
     });
     drop(a);
     drop(h);
+    let thread_time = |s: &Server, admin: &str| -> Value {
+        list(
+            &s.get(&format!("/api/chat/threads?peer_id={agent_id}"), admin)
+                .json(),
+        )[0]["last_message_at"]
+            .clone()
+    };
+    let sent_at = history(&s, &admin, agent_id)[0]["timestamp"].clone();
+    assert_eq!(thread_time(&s, &admin), sent_at);
 
     // Three days later, with a one-day chat window, the background pruner (its first pass
     // runs a second after the start): the delivered row goes; the undelivered one stays for
@@ -92,6 +101,8 @@ fn retention_removes_exactly_what_is_past_its_window() {
         Duration::from_secs(10),
         || history(&s, &admin, agent_id).is_empty(),
     );
+    // Its thread still says when it last had a message.
+    assert_eq!(thread_time(&s, &admin), sent_at);
     assert_eq!(history(&s, &admin, away_id).len(), 1);
     assert_eq!(log_contents(&s, &admin).len(), 5);
     let (_dir, db) = s.stop_keeping_data();

@@ -836,7 +836,8 @@ fn chat_from_row(r: &rusqlite::Row) -> rusqlite::Result<ChatRow> {
 /// `chat_conversation` (one index probe per thread), and its `updated_at` the later of that
 /// and its own. Keeping them in the thread's row instead cost an UPDATE per stored chat row,
 /// one more page in nearly every group commit (about a sixth of the closed-loop throughput,
-/// measured); the stored `last_message_at` only answers for threads whose rows were all pruned.
+/// measured); the stored `last_message_at` answers for threads whose rows were all pruned
+/// (retention keeps it: `keep_thread_times`).
 const THREAD_SELECT: &str = "SELECT id, owner_user_id, peer_user_id, channel_kind, title, summary,
         is_pinned, is_default, archived_at, last_at, created_at,
         CASE WHEN last_at > updated_at THEN last_at ELSE updated_at END
@@ -1123,12 +1124,14 @@ impl Batches for SqliteWriter {
             let cutoff = clock::format_ms(now - keep.as_millis() as i64);
             // Undelivered frames stay for store and forward's whole window.
             let replay_cutoff = clock::format_ms(now - super::UNDELIVERED_KEPT_MS);
-            pruned.chat_by_age = delete_oldest(
+            let ids = oldest(
                 &tx,
                 "chat_messages",
                 "timestamp < ?1 AND NOT (delivered = 0 AND timestamp >= ?2)",
                 &[&cutoff as &dyn rusqlite::ToSql, &replay_cutoff],
             )?;
+            keep_thread_times(&tx, &ids)?;
+            pruned.chat_by_age = delete_ids(&tx, "chat_messages", &ids)?;
         }
         if pruned.logs_by_age + pruned.logs_by_budget > 0 {
             // Deleting from the search index leaves tombstones in its segments until they are
@@ -1183,6 +1186,18 @@ fn delete_oldest(
     filter: &str,
     args: &[&dyn rusqlite::ToSql],
 ) -> Result<u64> {
+    let ids = oldest(tx, table, filter, args)?;
+    delete_ids(tx, table, &ids)
+}
+
+/// The ids of the oldest rows of `table` matching `filter`, up to `PRUNE_ROWS` and
+/// `PRUNE_BYTES` of content.
+fn oldest(
+    tx: &rusqlite::Transaction,
+    table: &str,
+    filter: &str,
+    args: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<i64>> {
     let n = args.len();
     let mut stmt = tx.prepare_cached(&format!(
         "SELECT id, length(CAST(content AS BLOB)) FROM {table} WHERE {filter} ORDER BY id LIMIT ?{}",
@@ -1193,7 +1208,27 @@ fn delete_oldest(
     let rows: Vec<(i64, i64)> = stmt
         .query_map(params.as_slice(), |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<std::result::Result<_, _>>()?;
-    delete_ids(tx, table, &within_bytes(&rows))
+    Ok(within_bytes(&rows))
+}
+
+/// Before chat rows go, their threads' own `last_message_at` takes the newest time among
+/// them: THREAD_SELECT reads it from the newest row left, and this column once none is.
+fn keep_thread_times(tx: &rusqlite::Transaction, ids: &[i64]) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let list = serde_json::to_string(ids).unwrap_or_else(|_| "[]".into());
+    tx.execute(
+        "UPDATE conversation_threads AS t
+         SET last_message_at = g.at
+         FROM (SELECT conversation_id, MAX(timestamp) AS at FROM chat_messages
+               WHERE id IN (SELECT value FROM json_each(?1)) AND conversation_id IS NOT NULL
+               GROUP BY conversation_id) AS g
+         WHERE t.id = g.conversation_id
+           AND (t.last_message_at IS NULL OR t.last_message_at < g.at)",
+        [list],
+    )?;
+    Ok(())
 }
 
 /// The ids of the first rows whose content adds up to `PRUNE_BYTES` (at least one).

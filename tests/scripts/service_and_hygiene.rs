@@ -48,6 +48,37 @@ fn parse_unit(text: &str) -> Vec<(String, Vec<(String, String)>)> {
     sections
 }
 
+/// The README's quick start begins with a bare `cargo run --release`: with two binaries
+/// (echoload) Cargo refuses it ("could not determine which binary to run", exit 101) unless
+/// the package names its default. Run as written, without `--release` (the same choice of
+/// binary, and the build the tests already made), asking only for the version.
+#[test]
+fn the_readmes_first_command_runs_the_server() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let first = readme
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|block| block.lines().next())
+        .expect("a first sh block in README.md");
+    let words: Vec<&str> = first
+        .split('#')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(words, ["cargo", "run", "--release"], "{first}");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = run({
+        let mut c = command(cargo);
+        c.args(["run", "--quiet", "--", "--version"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        c
+    });
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("echocenter "), "{}", stdout(&out));
+}
+
 #[test]
 fn systemd_unit_parses_and_carries_the_production_settings() {
     let path = script("echocenter.service");

@@ -98,7 +98,8 @@ pub(in crate::store) fn notify_batch(
     let mut payload = head.clone();
     let mut count = 0;
     for item in items {
-        if count > 0 && payload.len() + item.len() + 2 > NOTIFY_MAX {
+        // The item, its comma and the closing `]}`.
+        if count > 0 && payload.len() + 1 + item.len() + 2 > NOTIFY_MAX {
             payload.push_str("]}");
             tx.execute(&st, &[&CHANNEL, &payload])?;
             payload = head.clone();
