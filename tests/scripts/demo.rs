@@ -74,8 +74,12 @@ fn start_demo(args: &[&str], own_group: bool) -> RunningDemo {
     use std::os::unix::process::CommandExt;
     let tmp = TempDir::new();
     let stderr_path = tmp.path().join("demo.err");
-    let mut cmd = command("bash");
-    cmd.arg(script("demo.sh"))
+    // With SIGINT at its default: a test run started in the background of a non-interactive
+    // shell inherits it ignored, and a shell cannot trap a signal ignored on entry, so the
+    // script would never see the Ctrl-C these tests send.
+    let mut cmd = command("env");
+    cmd.args(["--default-signal=INT", "bash"])
+        .arg(script("demo.sh"))
         .args(args)
         .env("ECHOCENTER_BIN", BIN)
         .env("ECHOCENTER_PYTHON", python())
