@@ -1373,8 +1373,6 @@ fn dev_chat(ctx: &Ctx) -> Result<Reply> {
         local_id: req.local_id.filter(|l| !l.is_empty()),
         stream_id: None,
         conversation_id,
-        forward: !receiver.role.is_human(),
-        mirrored: crate::hub::butler_and_agent(sender.role, receiver.role),
         sender_name: sender.username.clone(),
         sender_role: sender.role,
         receiver_role: receiver.role,

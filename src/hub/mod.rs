@@ -765,8 +765,6 @@ impl Hub {
             local_id: env.local_id.clone(),
             stream_id: env.stream_id.clone(),
             conversation_id: env.conversation_id,
-            forward: !target.role.is_human(),
-            mirrored: butler_and_agent(me.role, target.role),
             sender_name: me.username.clone(),
             sender_role: me.role,
             receiver_role: target.role,
@@ -1018,14 +1016,6 @@ impl LogRates {
             false
         }
     }
-}
-
-/// Whether a frame between these two is mirrored to admins (BUTLER_AGENT_MESSAGE).
-pub fn butler_and_agent(a: Role, b: Role) -> bool {
-    matches!(
-        (a, b),
-        (Role::Butler, Role::Agent) | (Role::Agent, Role::Butler)
-    )
 }
 
 /// A machine user's `status` as agent objects and PRESENCE spell it: ONLINE, BUSY (online and

@@ -311,16 +311,27 @@ pub struct NewChat {
     pub local_id: Option<String>,
     pub stream_id: Option<String>,
     pub conversation_id: Option<i64>,
-    /// Whether store-and-forward must deliver it (the receiver is an agent or the Butler).
-    pub forward: bool,
-    /// Between the Butler and an agent (admins see it as BUTLER_AGENT_MESSAGE, on every
-    /// node).
-    pub mirrored: bool,
-    /// What another node needs to route the row without reading it back (the cross-node
-    /// bus carries small rows whole): the sender's name and role, the receiver's role.
+    /// What routing needs of the two users, here and on another node (the cross-node bus
+    /// carries small rows whole, so that node does not read them back).
     pub sender_name: String,
     pub sender_role: Role,
     pub receiver_role: Role,
+}
+
+impl NewChat {
+    /// Whether store and forward must deliver it (the receiver is an agent or the Butler).
+    pub fn forward(&self) -> bool {
+        !self.receiver_role.is_human()
+    }
+
+    /// Between the Butler and an agent (admins see it as BUTLER_AGENT_MESSAGE, on every
+    /// node).
+    pub fn mirrored(&self) -> bool {
+        matches!(
+            (self.sender_role, self.receiver_role),
+            (Role::Butler, Role::Agent) | (Role::Agent, Role::Butler)
+        )
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -1010,11 +1010,11 @@ const CHAT_SELECT: &str = "SELECT id, local_id, sender_id, receiver_id, type, co
 /// `last_message_at` answers for threads whose rows were all pruned (`keep_thread_times`).
 const THREAD_SELECT: &str = "SELECT id, owner_user_id, peer_user_id, channel_kind, title, summary,
         is_pinned, is_default, archived_at, last_at, created_at, GREATEST(last_at, updated_at)
-     FROM (SELECT t.*, COALESCE(
-               (SELECT c.timestamp FROM chat_messages c
-                WHERE c.conversation_id = t.id ORDER BY c.id DESC LIMIT 1),
-               t.last_message_at) AS last_at
-           FROM conversation_threads t) AS threads";
+     FROM (SELECT t.*, COALESCE(newest.at, t.last_message_at) AS last_at
+           FROM conversation_threads t
+           LEFT JOIN LATERAL (SELECT c.timestamp AS at FROM chat_messages c
+                              WHERE c.conversation_id = t.id ORDER BY c.id DESC LIMIT 1)
+             AS newest ON true) AS threads";
 
 fn user_from_row(r: &Row) -> Result<UserRow> {
     let role: String = r.try_get(2)?;
@@ -1831,7 +1831,7 @@ fn store_chats(
         let payloads: Vec<&str> = new.iter().map(|c| c.payload.as_str()).collect();
         let streams: Vec<Option<&str>> = new.iter().map(|c| c.stream_id.as_deref()).collect();
         let threads: Vec<Option<i64>> = new.iter().map(|c| c.conversation_id).collect();
-        let delivered: Vec<i32> = new.iter().map(|c| i32::from(!c.forward)).collect();
+        let delivered: Vec<i32> = new.iter().map(|c| i32::from(!c.forward())).collect();
         for r in tx.query(
             &st,
             &[

@@ -1461,7 +1461,7 @@ fn write_chat(tx: &rusqlite::Transaction, c: &NewChat) -> Result<Stored> {
         c.stream_id,
         c.conversation_id,
         timestamp,
-        !c.forward
+        !c.forward()
     ])?;
     let id = tx.last_insert_rowid();
     // The thread's last_message_at and updated_at follow from this row (THREAD_SELECT).

@@ -125,7 +125,7 @@ fn chat_item(c: &NewChat, s: &Stored) -> Value {
         s.id,
         c.sender_id,
         c.receiver_id,
-        c.mirrored,
+        c.mirrored(),
         c.kind.as_str(),
         c.local_id,
         c.stream_id,
@@ -139,7 +139,7 @@ fn chat_item(c: &NewChat, s: &Stored) -> Value {
     if whole.to_string().len() <= INLINE_FRAME_MAX {
         whole
     } else {
-        json!(["c", s.id, c.sender_id, c.receiver_id, c.mirrored])
+        json!(["c", s.id, c.sender_id, c.receiver_id, c.mirrored()])
     }
 }
 
